@@ -1,0 +1,94 @@
+"""Train an image classifier: `python -m training --help` (or `make train`).
+
+Examples:
+  python -m training                                   # Fashion-MNIST, default CNN, name fashion-mnist
+  python -m training --dataset mnist-5k --model simple-cnn --name digits
+  python -m training --dataset folder:~/pictures/pets --model resnet18 --name pets --augment
+  python -m training --resume artifacts/fashion-mnist/last.pt   # continue an interrupted run
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from training.config import TrainConfig
+from training.data import BUILTIN
+from training.errors import UserError
+from training.models import ARCHITECTURES
+
+D = TrainConfig()  # the defaults, shown in --help
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    what = p.add_argument_group("what to train")
+    what.add_argument("--name", default=D.name, help="model name: artifacts/NAME/, model_store/NAME.mar (%(default)s)")
+    what.add_argument("--dataset", default=D.dataset,
+                      help=f"{', '.join(BUILTIN)} or folder:PATH (one subfolder per class) (%(default)s)")
+    what.add_argument("--model", default=D.model, help=f"{', '.join(ARCHITECTURES)} (%(default)s)")
+    what.add_argument("--image-size", type=int, default=D.image_size,
+                      help="folder: only: train at SIZExSIZE (default: the images' own size when all "
+                           "share one, else 64)")
+    how = p.add_argument_group("how to train")
+    how.add_argument("--epochs", type=int, default=D.epochs, help="(%(default)s)")
+    how.add_argument("--batch-size", type=int, default=D.batch_size, help="(%(default)s)")
+    how.add_argument("--optimizer", default=D.optimizer, choices=["sgd", "adamw"], help="(%(default)s)")
+    how.add_argument("--lr", type=float, default=D.lr, help="peak learning rate (%(default)s; try 3e-3 for adamw)")
+    how.add_argument("--momentum", type=float, default=D.momentum, help="SGD momentum (%(default)s)")
+    how.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=D.nesterov,
+                     help="Nesterov momentum for SGD (on)")
+    how.add_argument("--weight-decay", type=float, default=D.weight_decay,
+                     help="on weights, not on biases or batch norm (%(default)s)")
+    how.add_argument("--schedule", default=D.schedule, choices=["onecycle", "cosine"],
+                     help="one-cycle, or linear warmup then cosine decay (%(default)s)")
+    how.add_argument("--warmup-epochs", type=float, default=D.warmup_epochs, help="cosine only (%(default)s)")
+    how.add_argument("--label-smoothing", type=float, default=D.label_smoothing, help="(%(default)s)")
+    how.add_argument("--augment", action=argparse.BooleanOptionalAction, default=D.augment,
+                     help="random crop (2-pixel padding) and, where the data allows, horizontal flip (off)")
+    how.add_argument("--patience", type=int, default=D.patience,
+                     help="early stop after N epochs without a better validation accuracy; 0 = never (%(default)s)")
+    how.add_argument("--seed", type=int, default=D.seed, help="seeds splits, initialization, shuffling (%(default)s)")
+    how.add_argument("--resume", type=Path, default=None, help="continue from a last.pt written by an earlier run")
+    split = p.add_argument_group("data")
+    split.add_argument("--val-fraction", type=float, default=D.val_fraction,
+                       help="validation share carved from the training split (%(default)s)")
+    split.add_argument("--test-fraction", type=float, default=D.test_fraction,
+                       help="test share for data sets without an official test split (%(default)s)")
+    split.add_argument("--train-limit", type=int, default=None, help="use only N training images (quick runs)")
+    split.add_argument("--data-dir", type=Path, default=D.data_dir, help="downloaded data sets (%(default)s)")
+    split.add_argument("--download", action=argparse.BooleanOptionalAction, default=D.download,
+                       help="let torchvision download missing data where the internet is reachable (on)")
+    split.add_argument("--workers", type=int, default=D.workers, help="image decoding processes (%(default)s)")
+    split.add_argument("--max-memory-mb", type=int, default=D.max_memory_mb,
+                       help="folder: data larger than this streams from disk (%(default)s)")
+    hw = p.add_argument_group("hardware and outputs")
+    hw.add_argument("--device", default=D.device, help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps (%(default)s)")
+    hw.add_argument("--precision", default=D.precision, choices=["auto", "bf16", "fp32"],
+                    help="auto: bf16 autocast where the device runs bf16 fast (%(default)s)")
+    hw.add_argument("--compile", action=argparse.BooleanOptionalAction, default=D.compile,
+                    help="torch.compile the model (off)")
+    hw.add_argument("--artifacts-dir", type=Path, default=D.artifacts_dir, help="(%(default)s)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    options = vars(parser().parse_args(argv))
+    try:
+        from training.run import train  # heavy imports after --help
+
+        train(TrainConfig.from_options(options))
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: earlier outputs are intact; the last finished epoch is in "
+              f"{options['artifacts_dir']}/{options['name']}/last.pt (continue with --resume)", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

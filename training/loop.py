@@ -1,0 +1,141 @@
+"""The training loop's parts: device and precision choice, batching, augmentation, steps, evaluation.
+
+Data held in memory is a uint8 tensor on the training device: a batch is an index into it,
+scaled, normalized and augmented with tensor operations, never one PIL image at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from training.data import FolderImages, Split
+from training.errors import UserError
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA device is available here (try --device cpu)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps: MPS is not available here (try --device cpu)")
+    return device
+
+
+def pick_autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast where the hardware runs it fast (CUDA with bf16, CPUs with AVX512-BF16/AMX)."""
+    if device.type == "cuda":
+        fast_bf16 = torch.cuda.is_bf16_supported()
+    elif device.type == "cpu":
+        fast_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    else:
+        fast_bf16 = False
+    if precision == "fp32" or (precision == "auto" and not fast_bf16):
+        return None
+    return torch.bfloat16
+
+
+def batches(split: Split, batch_size: int, device: torch.device, generator: torch.Generator | None,
+            shape: tuple[int, int, int], workers: int = 2) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(uint8 images, int64 labels) batches on `device`; shuffled when a generator is given.
+
+    Training drops a last batch of one image: batch norm cannot train on a single sample.
+    """
+    n = len(split)
+    if split.images is not None:
+        order = (torch.randperm(n, generator=generator, device=generator.device) if generator is not None
+                 else torch.arange(n, device=split.images.device))
+        for start in range(0, n, batch_size):
+            index = order[start:start + batch_size]
+            if generator is not None and len(index) == 1 and n > 1:
+                return
+            yield split.images[index], split.labels[index]
+        return
+    sampler_generator = None
+    if generator is not None:  # the DataLoader shuffles on the CPU; seed it from our generator
+        seed = torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item()
+        sampler_generator = torch.Generator().manual_seed(seed)
+    loader = torch.utils.data.DataLoader(
+        FolderImages(split.files, split.labels, shape), batch_size=batch_size,
+        shuffle=generator is not None, generator=sampler_generator, num_workers=workers,
+        pin_memory=device.type == "cuda", drop_last=False, persistent_workers=False)
+    for images, labels in loader:
+        if generator is not None and len(labels) == 1 and n > 1:
+            return
+        yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+
+
+def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> float32 ((x / 255) - mean) / std: the same ops as handlers.image.normalize."""
+    return (images.float() / 255 - mean) / std
+
+
+def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
+    """Each image shifted by up to `padding` pixels in x and y, the border filled with zeros."""
+    n, _, height, width = images.shape
+    padded = F.pad(images, (padding,) * 4)
+    shifts = torch.randint(0, 2 * padding + 1, (n, 2), generator=generator, device=generator.device)
+    cropped = torch.empty_like(images)
+    for dy in range(2 * padding + 1):  # one slice per shift: (2p+1)^2 tensor ops, not n
+        for dx in range(2 * padding + 1):
+            chosen = (shifts[:, 0] == dy) & (shifts[:, 1] == dx)
+            cropped[chosen] = padded[chosen, :, dy:dy + height, dx:dx + width]
+    return cropped
+
+
+def random_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    flip = torch.rand(images.shape[0], generator=generator, device=generator.device) < 0.5
+    return torch.where(flip.view(-1, 1, 1, 1), images.flip(3), images)
+
+
+def make_optimizer(config, model: nn.Module) -> torch.optim.Optimizer:
+    # No weight decay on batch-norm weights and biases: it only fights the normalization.
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": config.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum,
+                               nesterov=config.nesterov and config.momentum > 0)
+    return torch.optim.AdamW(groups, lr=config.lr)
+
+
+def make_scheduler(config, optimizer, steps_per_epoch: int):
+    total = config.epochs * steps_per_epoch
+    if config.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=config.lr, total_steps=total, pct_start=0.25,
+            cycle_momentum=config.optimizer == "sgd" and config.momentum > 0)
+    warmup = min(total - 1, math.ceil(config.warmup_epochs * steps_per_epoch))
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total - warmup))
+    if warmup == 0:
+        return cosine
+    ramp = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01, total_iters=warmup)
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, cosine], milestones=[warmup])
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: Split, mean, std, device, shape, workers: int = 2,
+             batch_size: int = 1024) -> tuple[float, float, torch.Tensor]:
+    """(mean loss, accuracy, predictions) in float32 and eval mode: what export and serving compute."""
+    model.eval()
+    total_loss, predictions = 0.0, []
+    for images, labels in batches(split, batch_size, device, None, shape, workers):
+        logits = model(normalize(images, mean, std).contiguous(memory_format=torch.channels_last)).float()
+        total_loss += F.cross_entropy(logits, labels, reduction="sum").item()
+        predictions.append(logits.argmax(1).cpu())
+    predicted = torch.cat(predictions)
+    accuracy = (predicted == split.labels.cpu()).double().mean().item()
+    return total_loss / len(split), accuracy, predicted
