@@ -1,6 +1,9 @@
 # The kit's commands. A fresh clone needs only these: each target creates what it needs.
 #   make train                 train the default model (Fashion-MNIST, CNN) into artifacts/fashion-mnist/
 #   make train DATASET=mnist-5k MODEL=simple-cnn NAME=digits EPOCHS=5
+#   make export                TorchScript + ONNX, parity gate, archives in model_store/ (NAME=...)
+#   make serve                 TorchServe on 127.0.0.1:8080 in the foreground (Ctrl-C stops it)
+#   make predict IMAGE=shoe.png   ask the running server (MODEL_NAME=fashion-mnist-torchscript ...)
 #   make test                  the test suite
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -12,7 +15,10 @@ NAME ?= fashion-mnist
 TRAIN_ARGS ?=
 EPOCHS ?=
 
-.PHONY: venv data train test clean help
+IMAGE ?=
+MODEL_NAME ?= $(NAME)
+
+.PHONY: venv data train export serve predict test clean help
 
 help:
 	@sed -n '1,/^SHELL/p' Makefile | grep '^#' | sed 's/^# \{0,1\}//'
@@ -42,6 +48,20 @@ data:
 
 train: venv data
 	$(PY) -m training --dataset $(DATASET) --model $(MODEL) --name $(NAME) $(if $(EPOCHS),--epochs $(EPOCHS)) $(TRAIN_ARGS)
+
+export: venv
+	$(PY) -m export --name $(NAME) $(EXPORT_ARGS)
+
+# TorchServe in the foreground on loopback, serving every archive in model_store/.
+serve: venv
+	@ls model_store/*.mar >/dev/null 2>&1 || { echo "error: no archives in model_store/: run make train export first" >&2; exit 1; }
+	@mkdir -p logs
+	LOG_LOCATION=logs METRICS_LOCATION=logs exec $(VENV)/bin/torchserve --start --foreground --ncs \
+	  --ts-config config.properties --model-store model_store
+
+predict: venv
+	@[ -n "$(IMAGE)" ] || { echo "error: give an image: make predict IMAGE=path/to/image.png" >&2; exit 1; }
+	$(PY) -m client --model $(MODEL_NAME) $(IMAGE)
 
 test: venv
 	@$(MAKE) --no-print-directory data DATASET=fashion-mnist

@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torchvision
 from torch import nn
@@ -58,7 +60,7 @@ class SmallImageCNN(nn.Module):
     """
 
     def __init__(self, in_channels: int, height: int, width: int, num_classes: int,
-                 widths: tuple[int, int, int] = (32, 64, 128), dropout: float = 0.25):
+                 widths: tuple[int, int, int] = (16, 64, 128), dropout: float = 0.25):
         super().__init__()
         a, b, c = widths
         self.features = nn.Sequential(
@@ -88,6 +90,16 @@ ARCHITECTURES = {
     "resnet18": resnet18,
 }
 DEFAULT_ARCH = "cnn"
+
+
+def full_arguments(arch: str, **given) -> dict:
+    """`given` plus every default of the architecture: what the spec stores, so a later change of
+    a default cannot silently change how an old checkpoint is rebuilt."""
+    if arch not in ARCHITECTURES:
+        raise UserError(f"unknown model {arch!r}: choose one of {', '.join(ARCHITECTURES)}")
+    bound = inspect.signature(ARCHITECTURES[arch]).bind(**given)
+    bound.apply_defaults()
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in bound.arguments.items()}
 
 
 def build(arch: str, **arch_args) -> nn.Module:

@@ -24,7 +24,7 @@ from training.errors import UserError
 from training.loop import (batches, evaluate, make_optimizer, make_scheduler, normalize, pick_autocast_dtype,
                            pick_device, random_crop, random_flip)
 from training.metrics import confusion_matrix, per_class
-from training.models import build
+from training.models import build, full_arguments
 from training.plots import plot_confusion, plot_curves
 
 # Options that define what is trained: a resumed run must use the same ones as the saved state.
@@ -133,8 +133,8 @@ def train(config: TrainConfig) -> dict:
     torch.manual_seed(config.seed)
     data = prepare_data(config, device)
     channels, height, width = data.shape
-    arch_args = {"in_channels": channels, "height": height, "width": width,
-                 "num_classes": len(data.class_names)}
+    arch_args = full_arguments(config.model, in_channels=channels, height=height, width=width,
+                               num_classes=len(data.class_names))
     model = build(config.model, **arch_args).to(device, memory_format=torch.channels_last)
     optimizer = make_optimizer(config, model)
     steps_per_epoch = max(1, len(data.train) // config.batch_size + (len(data.train) % config.batch_size > 1))

@@ -1,0 +1,61 @@
+"""Send image files to the kit's endpoint and print the top classes: `python -m client IMAGE...`.
+
+Only the standard library: it runs wherever Python does, beside the server or far from it.
+  python -m client shoe.png bag.jpg                    # model fashion-mnist on localhost:8080
+  python -m client --model fashion-mnist-torchscript --top 5 shoe.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+
+def predict(url: str, image: bytes, timeout: float = 30) -> tuple[int, dict]:
+    """POSTs raw image bytes (with a Content-Type, so TorchServe passes them through untouched)."""
+    request = urllib.request.Request(url, data=image, method="POST",
+                                     headers={"Content-Type": "application/octet-stream"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        body = error.read()
+        try:
+            return error.code, json.loads(body)
+        except json.JSONDecodeError:
+            return error.code, {"error": body.decode(errors="replace").strip()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m client", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("images", nargs="+", type=Path, help="image files (any format Pillow reads)")
+    p.add_argument("--model", default="fashion-mnist", help="model name (%(default)s)")
+    p.add_argument("--url", default="http://127.0.0.1:8080", help="inference address (%(default)s)")
+    p.add_argument("--top", type=int, default=3, help="classes to print per image (%(default)s)")
+    args = p.parse_args(argv)
+    failures = 0
+    for path in args.images:
+        try:
+            status, body = predict(f"{args.url}/predictions/{args.model}", path.read_bytes())
+        except OSError as error:  # unreadable file, refused connection, timeout
+            reason = getattr(error, "reason", None) or error.strerror or error
+            print(f"{path}: error: {reason}", file=sys.stderr)
+            failures += 1
+            continue
+        if status != 200:
+            message = body.get("error") or body.get("message") or body
+            print(f"{path}: error {status}: {message}", file=sys.stderr)
+            failures += 1
+            continue
+        ranked = sorted(body["probabilities"].items(), key=lambda item: -item[1])[:args.top]
+        print(f"{path}: {body['label']}  (" + ", ".join(f"{name} {p:.1%}" for name, p in ranked) + ")")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""TorchServe archives (.mar) with torch-model-archiver, built in a scratch folder inside
+model_store/ and renamed into place, so a failed build never replaces a good archive."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from training.errors import UserError
+
+HANDLERS_DIR = Path(__file__).resolve().parents[1] / "handlers"
+HANDLER_MODULES = ("__init__.py", "image.py", "pipeline.py", "torchserve_handler.py")
+ARCHIVER = str(Path(sys.executable).parent / "torch-model-archiver")
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """What goes into each archive's model-config.yaml."""
+
+    workers: int = 2  # per model; each gets CPU cores / workers intra-op threads
+    batch_size: int = 8  # TorchServe's dynamic batching: up to this many requests per forward pass
+    max_batch_delay_ms: int = 5  # how long a batch waits to fill up
+    response_timeout_s: int = 30
+    max_pixels: int = 24_000_000  # larger images get 413 before they are decoded
+
+    def model_config(self, backend: str) -> dict:
+        return {"minWorkers": self.workers, "maxWorkers": self.workers, "batchSize": self.batch_size,
+                "maxBatchDelay": self.max_batch_delay_ms, "responseTimeout": self.response_timeout_s,
+                "handler": {"backend": backend, "max_pixels": self.max_pixels}}
+
+
+def ensure_writable(model_store: Path) -> None:
+    """Fails early (before any export work) when model_store cannot take an archive."""
+    try:
+        model_store.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=model_store, prefix=".probe-")
+        probe.close()
+    except OSError as error:
+        raise UserError(f"cannot write archives to {model_store} ({error.strerror or error}): "
+                        "choose a writable --model-store") from None
+
+
+def build_archive(model_name: str, model_file: Path, spec_file: Path, backend: str, model_store: Path,
+                  serving: ServingConfig) -> Path:
+    """Packs model + spec + handlers + model-config.yaml into model_store/<model_name>.mar."""
+    scratch = Path(tempfile.mkdtemp(dir=model_store, prefix=f".build-{model_name}-"))
+    try:
+        package = scratch / "extra" / "handlers"  # the archiver copies a folder's contents: nest it once
+        package.mkdir(parents=True)
+        for module in HANDLER_MODULES:
+            shutil.copy2(HANDLERS_DIR / module, package / module)
+        config_file = scratch / "model-config.yaml"
+        config_file.write_text(yaml.safe_dump(serving.model_config(backend), sort_keys=False))
+        (scratch / "tmp").mkdir()
+        command = [ARCHIVER, "--model-name", model_name, "--version", "1.0", "--serialized-file", str(model_file),
+                   "--handler", str(HANDLERS_DIR / "torchserve_handler.py"),
+                   "--extra-files", f"{scratch / 'extra'},{spec_file}", "--config-file", str(config_file),
+                   "--export-path", str(scratch), "--archive-format", "default", "--force"]
+        # The archiver stages files in $TMPDIR/<model name> and deletes that first: keep it private.
+        env = {**os.environ, "TMPDIR": str(scratch / "tmp")}
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+        except OSError as error:
+            raise UserError(f"cannot run torch-model-archiver ({error}): run `make venv`") from None
+        built = scratch / f"{model_name}.mar"
+        if result.returncode != 0 or not built.is_file():
+            last = (result.stderr.strip().splitlines() or result.stdout.strip().splitlines() or ["no output"])[-1]
+            raise UserError(f"torch-model-archiver failed for {model_name} (exit {result.returncode}): {last}")
+        with open(built, "rb") as f:  # on disk before it replaces the old archive
+            os.fsync(f.fileno())
+        target = model_store / f"{model_name}.mar"
+        os.replace(built, target)
+        return target
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

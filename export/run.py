@@ -1,0 +1,106 @@
+"""Export one trained model: checkpoint -> TorchScript + ONNX -> parity gate -> TorchServe archives.
+
+Exported files are first written under temporary names and only renamed to model.torchscript.pt
+and model.onnx, and packed into model_store/, when the parity gate passes. parity.json is
+written either way: it says what failed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from export import convert, parity
+from export.archive import ServingConfig, build_archive, ensure_writable
+from export.checkpoint import load_trained
+from training import data as datasets
+from training.checkpoint import write_json_atomic
+from training.config import NAME_PATTERN
+from training.errors import UserError
+from training.loop import batches, normalize
+
+FORMATS = {  # format name -> (file name, runner loading it from disk, TorchServe backend, archive suffix)
+    "torchscript": ("model.torchscript.pt", parity.torchscript_runner, "torchscript", "-torchscript"),
+    "onnxruntime": ("model.onnx", parity.onnxruntime_runner, "onnxruntime", ""),
+}
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    name: str = "fashion-mnist"
+    artifacts_dir: Path = Path("artifacts")
+    model_store: Path = Path("model_store")
+    serving: ServingConfig = field(default_factory=ServingConfig)
+
+    def __post_init__(self):
+        if not NAME_PATTERN.match(self.name):
+            raise UserError(f"--name {self.name!r}: use letters, digits, '.', '_' or '-' (at most 64)")
+        s = self.serving
+        if min(s.workers, s.batch_size, s.response_timeout_s, s.max_pixels) < 1 or s.max_batch_delay_ms < 0:
+            raise UserError("--workers, --batch-size, --response-timeout and --max-pixels must be positive, "
+                            "--max-batch-delay not negative")
+
+
+def test_images(out_dir: Path, spec: dict):
+    """(first 64 normalized test images, a function yielding the whole test split in batches)."""
+    config_path = out_dir / "train_config.json"
+    if not config_path.is_file():
+        raise UserError(f"{config_path} is missing: the parity gate needs the run's test split; train again")
+    run = json.loads(config_path.read_text())
+    try:
+        data = datasets.load(run["dataset"], Path(run["data_dir"]), run["val_fraction"], run["test_fraction"],
+                             run["seed"], run["image_size"], run["max_memory_mb"], run["workers"], download=False)
+    except UserError as error:
+        raise UserError(f"the parity gate needs the test images of {run['dataset']}: {error}") from None
+    mean = torch.tensor(spec["mean"]).view(1, -1, 1, 1)
+    std = torch.tensor(spec["std"]).view(1, -1, 1, 1)
+    shape = tuple(data.shape)
+
+    def test_batches():
+        for images, labels in batches(data.test, 256, torch.device("cpu"), None, shape, run["workers"]):
+            yield normalize(images.cpu(), mean, std).numpy(), labels.cpu().numpy()
+
+    sample = next(iter(test_batches()))[0][:max(parity.BATCH_SIZES)]  # batches hold 256 images
+    if len(sample) < max(parity.BATCH_SIZES):
+        raise UserError(f"the test split has {len(sample)} images; the parity gate needs at least 64")
+    return sample, test_batches
+
+
+def export(config: ExportConfig) -> dict:
+    """Runs the whole export; returns the parity report. A failed gate is a UserError."""
+    started = time.perf_counter()
+    out_dir = config.artifacts_dir / config.name
+    model, spec = load_trained(out_dir)
+    ensure_writable(config.model_store)
+    sample, test_batches = test_images(out_dir, spec)
+
+    pending = {name: out_dir / f".pending-{file_name}" for name, (file_name, *_) in FORMATS.items()}
+    try:
+        convert.to_torchscript(model, spec, pending["torchscript"])
+        convert.to_onnx(model, spec, pending["onnxruntime"])
+        runners = {"eager": parity.eager_runner(model)}
+        runners.update({name: runner(pending[name]) for name, (_, runner, *_) in FORMATS.items()})
+        report = parity.run_gate(runners, sample, test_batches)
+        report["checkpoint_sha256"] = spec["checkpoint_sha256"]
+        write_json_atomic(out_dir / "parity.json", report)
+        print(parity.format_table(report))
+        if not report["passed"]:
+            raise UserError(f"the parity gate failed (details in {out_dir / 'parity.json'}): exports differ from "
+                            "the trained model; nothing was archived")
+        for name, (file_name, *_) in FORMATS.items():
+            pending[name].replace(out_dir / file_name)
+    finally:
+        for path in pending.values():
+            path.unlink(missing_ok=True)
+
+    spec_file = out_dir / "spec.json"
+    for name, (file_name, _, backend, suffix) in FORMATS.items():
+        archive = build_archive(config.name + suffix, out_dir / file_name, spec_file, backend,
+                                config.model_store, config.serving)
+        print(f"wrote {archive} ({archive.stat().st_size / 1e6:.1f} MB, {backend})")
+    print(f"export took {time.perf_counter() - started:.1f}s")
+    return report
