@@ -3,7 +3,7 @@
 Examples:
   python -m training                                   # Fashion-MNIST, default CNN, name fashion-mnist
   python -m training --dataset mnist-5k --model simple-cnn --name digits
-  python -m training --dataset folder:~/pictures/pets --model resnet18 --name pets --augment
+  python -m training --dataset folder:~/pictures/pets --model resnet18 --name pets --augment crop+flip
   python -m training --resume artifacts/fashion-mnist/last.pt   # continue an interrupted run
 """
 
@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from training.config import TrainConfig
+from training.config import AUGMENTATIONS, TrainConfig
 from training.data import BUILTIN
 from training.errors import UserError
 from training.models import ARCHITECTURES
@@ -46,8 +46,9 @@ def parser() -> argparse.ArgumentParser:
                      help="one-cycle, or linear warmup then cosine decay (%(default)s)")
     how.add_argument("--warmup-epochs", type=float, default=D.warmup_epochs, help="cosine only (%(default)s)")
     how.add_argument("--label-smoothing", type=float, default=D.label_smoothing, help="(%(default)s)")
-    how.add_argument("--augment", action=argparse.BooleanOptionalAction, default=D.augment,
-                     help="random crop (2-pixel padding) and, where the data allows, horizontal flip (off)")
+    how.add_argument("--augment", default=D.augment, choices=AUGMENTATIONS,
+                     help="random horizontal flip (only where the data allows it: not for digits) and/or "
+                          "random crop with 2-pixel padding (%(default)s)")
     how.add_argument("--patience", type=int, default=D.patience,
                      help="early stop after N epochs without a better validation accuracy; 0 = never (%(default)s)")
     how.add_argument("--seed", type=int, default=D.seed, help="seeds splits, initialization, shuffling (%(default)s)")

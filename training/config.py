@@ -11,6 +11,7 @@ from training.data import BUILTIN
 from training.errors import UserError
 from training.models import ARCHITECTURES, DEFAULT_ARCH
 
+AUGMENTATIONS = ("none", "flip", "crop", "crop+flip")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # also a TorchServe model name
 
 
@@ -29,7 +30,7 @@ class TrainConfig:
     schedule: str = "onecycle"  # onecycle, or cosine (linear warmup, then cosine decay)
     warmup_epochs: float = 1.0  # cosine only; one-cycle warms up for 25 % of the run
     label_smoothing: float = 0.1
-    augment: bool = False  # random crop with 2-pixel padding (+ flip where the data allows)
+    augment: str = "flip"  # none, flip, crop, crop+flip (flip only where the data allows it)
     patience: int = 0  # stop after this many epochs without a better validation accuracy; 0 = never
     val_fraction: float = 0.1
     test_fraction: float = 0.1  # data sets without an official test split (mnist-5k, folder:)
@@ -57,7 +58,7 @@ class TrainConfig:
         if self.model not in ARCHITECTURES:
             raise UserError(f"unknown model {self.model!r}: choose one of {', '.join(ARCHITECTURES)}")
         choices = {"optimizer": ("sgd", "adamw"), "schedule": ("onecycle", "cosine"),
-                   "precision": ("auto", "bf16", "fp32")}
+                   "precision": ("auto", "bf16", "fp32"), "augment": AUGMENTATIONS}
         for option, allowed in choices.items():
             if getattr(self, option) not in allowed:
                 raise UserError(f"--{option} {getattr(self, option)!r}: choose one of {', '.join(allowed)}")

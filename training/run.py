@@ -79,10 +79,10 @@ def train_epoch(trainable, optimizer, scheduler, data, config, mean, std, genera
                desc=f"epoch {epoch}/{config.epochs}", mininterval=0.5)
     for step, (images, labels) in enumerate(batches(data.train, config.batch_size, device, generator,
                                                     data.shape, config.workers)):
-        if config.augment:
+        if "crop" in config.augment:
             images = random_crop(images, 2, generator)
-            if data.flip_ok:
-                images = random_flip(images, generator)
+        if "flip" in config.augment and data.flip_ok:
+            images = random_flip(images, generator)
         inputs = normalize(images, mean, std).contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             logits = trainable(inputs)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import FASHION_MNIST
+from helpers import FASHION_MNIST
 from training import data
 from training.errors import UserError
 

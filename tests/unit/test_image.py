@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import FASHION_MNIST
+from helpers import FASHION_MNIST
 from handlers.image import BadImage, normalize, open_image, to_pixels
 
 LIMIT = 10_000_000

@@ -1,0 +1,126 @@
+"""A real TorchServe process for tests and benchmarks: free loopback ports, private folders,
+the project's config.properties with only the addresses changed, and a stop that always
+cleans up (the whole process group: the frontend JVM and its Python workers)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCHSERVE = ROOT / ".venv" / "bin" / "torchserve"
+ADDRESS_KEYS = ("inference_address", "management_address", "metrics_address")
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def http(method: str, url: str, body: bytes | None = None, headers: dict | None = None,
+         timeout: float = 30) -> tuple[int, bytes, dict]:
+    request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read(), dict(response.headers)
+    except urllib.error.HTTPError as error:
+        return error.code, error.read(), dict(error.headers)
+
+
+@dataclass
+class TorchServe:
+    process: subprocess.Popen
+    inference: str
+    management: str
+    metrics: str
+    workdir: Path
+
+    def log(self) -> str:
+        logs = sorted((self.workdir / "logs").glob("*.log"))
+        return "\n".join(p.read_text(errors="replace")[-4000:] for p in logs)
+
+    def predict(self, model: str, body: bytes, content_type: str = "application/octet-stream", **kw):
+        status, payload, headers = http("POST", f"{self.inference}/predictions/{model}", body,
+                                        {"Content-Type": content_type}, **kw)
+        try:
+            return status, json.loads(payload), headers
+        except json.JSONDecodeError:
+            return status, payload, headers
+
+    def wait_ready(self, models: list[str], timeout: float = 120) -> None:
+        """Until /ping is Healthy and every model has all its workers READY."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"TorchServe exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                ready = http("GET", f"{self.inference}/ping", timeout=2)[0] == 200 and all(
+                    self._workers_ready(model) for model in models)
+            except OSError:
+                ready = False
+            if ready:
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"TorchServe not ready after {timeout}s:\n{self.log()}")
+
+    def _workers_ready(self, model: str) -> bool:
+        status, body, _ = http("GET", f"{self.management}/models/{model}", timeout=2)
+        if status != 200:
+            return False
+        workers = json.loads(body)[0]["workers"]
+        return bool(workers) and all(w["status"] == "READY" for w in workers)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        try:  # workers that outlived the frontend
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def start(model_store: Path, workdir: Path, models: list[str], extra_config: str = "",
+          timeout: float = 120) -> TorchServe:
+    """Starts TorchServe on free loopback ports and waits until `models` are ready."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    ports = free_ports(5)
+    urls = {key: f"http://127.0.0.1:{port}" for key, port in zip(ADDRESS_KEYS, ports)}
+    lines = [line for line in (ROOT / "config.properties").read_text().splitlines()
+             if not line.startswith(ADDRESS_KEYS + ("grpc_", "model_store="))]
+    lines += [f"{key}={url}" for key, url in urls.items()]
+    lines += [f"grpc_inference_port={ports[3]}", f"grpc_management_port={ports[4]}",
+              f"model_store={model_store}", extra_config]
+    config = workdir / "config.properties"
+    config.write_text("\n".join(lines) + "\n")
+    env = {**os.environ, "TMPDIR": str(workdir), "LOG_LOCATION": str(workdir / "logs"),
+           "METRICS_LOCATION": str(workdir / "logs")}
+    env.pop("PYTHONPATH", None)  # workers must import the handler from the archive, not the repo
+    process = subprocess.Popen([str(TORCHSERVE), "--start", "--foreground", "--ncs", "--ts-config", str(config)],
+                               cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    server = TorchServe(process, urls["inference_address"], urls["management_address"],
+                        urls["metrics_address"], workdir)
+    try:
+        server.wait_ready(models, timeout)
+    except BaseException:
+        server.stop()
+        raise
+    return server

@@ -1,0 +1,190 @@
+"""A real TorchServe process serving both archives of a tiny Fashion-MNIST model, over HTTP."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import io
+import json
+import struct
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import harness
+
+pytestmark = pytest.mark.integration
+MODELS = ("fmnist", "fmnist-torchscript")
+
+
+def png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+ZERO_WIDTH_PNG = (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", 0, 10, 8, 0, 0, 0, 0))
+                  + png_chunk(b"IDAT", zlib.compress(b"")) + png_chunk(b"IEND", b""))
+
+
+@pytest.fixture(scope="module")
+def test_images(exported):
+    """The first 24 Fashion-MNIST test images, their PNG bytes and the eager model's probabilities."""
+    from export.checkpoint import load_trained
+    from training.data import load
+    from training.loop import normalize
+
+    out_dir, _ = exported
+    model, spec = load_trained(out_dir)
+    test = load("fashion-mnist", out_dir, 0.1, 0.1, 0, download=False).test
+    images = test.images[:24]
+    inputs = normalize(images, torch.tensor(spec["mean"]).view(1, -1, 1, 1), torch.tensor(spec["std"]).view(1, -1, 1, 1))
+    with torch.no_grad():
+        probabilities = torch.softmax(model(inputs).double(), dim=1).numpy()
+    return [png(image[0].numpy()) for image in images], probabilities, spec["class_names"]
+
+
+def assert_matches_eager(body: dict, expected: np.ndarray, class_names: list[str]) -> None:
+    assert list(body["probabilities"]) == class_names  # every class, in class order
+    served = np.array(list(body["probabilities"].values()))
+    assert abs(served.sum() - 1) <= 1e-5
+    assert body["index"] == int(expected.argmax()) and body["label"] == class_names[body["index"]]
+    assert np.abs(served - expected).max() <= 1e-4
+
+
+def worker_pids(server, model: str) -> list[int]:
+    status, body, _ = harness.http("GET", f"{server.management}/models/{model}")
+    return sorted(w["pid"] for w in json.loads(body)[0]["workers"])
+
+
+def test_ping_is_healthy(server):
+    status, body, _ = harness.http("GET", f"{server.inference}/ping")
+    assert status == 200 and json.loads(body)["status"] == "Healthy"
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_predictions_match_in_process_eager_inference(server, test_images, model):
+    pngs, probabilities, class_names = test_images
+    for image, expected in zip(pngs, probabilities):
+        status, body, _ = server.predict(model, image, "image/png")
+        assert status == 200, body
+        assert_matches_eager(body, expected, class_names)
+
+
+def test_onnx_and_torchscript_archives_agree(server, test_images):
+    pngs, _, _ = test_images
+    for image in pngs[:8]:
+        onnx_body = server.predict("fmnist", image)[1]
+        script_body = server.predict("fmnist-torchscript", image)[1]
+        assert onnx_body["label"] == script_body["label"]
+        difference = max(abs(onnx_body["probabilities"][k] - script_body["probabilities"][k])
+                         for k in onnx_body["probabilities"])
+        assert difference <= 1e-5
+
+
+def multipart(field: str, filename: str, payload: bytes) -> tuple[bytes, str]:
+    boundary = "kit-test-boundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{filename}\"\r\n"
+            f"Content-Type: image/png\r\n\r\n").encode() + payload + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def test_request_formats_raw_multipart_json_and_put(server, test_images):
+    pngs, probabilities, class_names = test_images
+    image, expected = pngs[0], probabilities[0]
+    body, content_type = multipart("data", "shoe.png", image)
+    requests = [
+        ("POST", image, "image/png"),
+        ("POST", image, "application/octet-stream"),
+        ("PUT", image, "application/octet-stream"),  # what `curl -T` sends
+        ("POST", body, content_type),
+        ("POST", multipart("file", "shoe.png", image)[0], content_type),
+        ("POST", json.dumps({"data": base64.b64encode(image).decode()}).encode(), "application/json"),
+    ]
+    for method, payload, kind in requests:
+        status, answer, _ = harness.http(method, f"{server.inference}/predictions/fmnist", payload,
+                                         {"Content-Type": kind})
+        assert status == 200, (method, kind, answer)
+        assert_matches_eager(json.loads(answer), expected, class_names)
+
+
+BAD_INPUTS = {
+    "empty body": (b"", "application/octet-stream", 400, "empty"),
+    "not an image": (b"%PDF-1.4 definitely not a picture", "application/octet-stream", 400, "not an image"),
+    "truncated image": (png(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8))[:300],
+                        "image/png", 400, "truncated or corrupt"),
+    "zero-sized image": (ZERO_WIDTH_PNG, "image/png", 400, ""),
+    "decompression bomb": (png(np.zeros((6000, 6000), dtype=np.uint8)), "image/png", 413, "exceeds the limit"),
+    "invalid base64": (b'{"data": "not base64 at all!"}', "application/json", 400, "base64"),
+    "JSON of the wrong shape": (b'{"image": [1, 2, 3]}', "application/json", 400, '{"data"'),
+    "JSON list": (b"[1, 2, 3]", "application/json", 400, '{"data"'),
+    "text body": (b"hello", "text/plain", 400, "text"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+@pytest.mark.parametrize("model", MODELS)
+def test_bad_input_gets_a_clear_4xx_and_the_worker_survives(server, test_images, model, case):
+    payload, content_type, expected_status, fragment = BAD_INPUTS[case]
+    pids = worker_pids(server, model)
+    status, body, headers = server.predict(model, payload, content_type)
+    assert status == expected_status, body
+    assert isinstance(body, dict) and fragment in body["error"], body
+    assert worker_pids(server, model) == pids  # no worker died or restarted
+    pngs, probabilities, class_names = test_images
+    status, body, _ = server.predict(model, pngs[1])
+    assert status == 200
+    assert_matches_eager(body, probabilities[1], class_names)
+
+
+def test_body_over_the_request_size_limit_is_413(server):
+    # As curl does for large bodies: announce the size, wait for the server's go-ahead.
+    host, port = server.inference.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    connection.putrequest("POST", "/predictions/fmnist")
+    connection.putheader("Content-Type", "application/octet-stream")
+    connection.putheader("Content-Length", str(11 * 1024 * 1024))  # max_request_size is 10 MiB
+    connection.putheader("Expect", "100-continue")
+    connection.endheaders()
+    assert connection.getresponse().status == 413
+    connection.close()
+
+
+def test_32_concurrent_requests_with_one_bad_image_each_get_their_own_answer(server, test_images):
+    pngs, probabilities, class_names = test_images
+    jobs = [(pngs[i % len(pngs)], i % len(pngs)) for i in range(32)]
+    jobs[13] = (b"this one is broken", None)
+
+    def send(job):
+        return server.predict("fmnist", job[0])
+
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        answers = list(pool.map(send, jobs))
+    for (payload, index), (status, body, _) in zip(jobs, answers):
+        if index is None:
+            assert status == 400 and "not an image" in body["error"]
+        else:
+            assert status == 200, body
+            assert_matches_eager(body, probabilities[index], class_names)
+
+
+def test_metrics_count_inferences(server, test_images):
+    def count() -> float:
+        status, body, _ = harness.http("GET", f"{server.metrics}/metrics")
+        assert status == 200
+        lines = [line for line in body.decode().splitlines()
+                 if line.startswith("ts_inference_requests_total") and 'model_name="fmnist"' in line]
+        return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
+
+    before = count()
+    for image in test_images[0][:5]:
+        assert server.predict("fmnist", image)[0] == 200
+    assert count() - before == 5
