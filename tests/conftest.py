@@ -15,3 +15,14 @@ def tiny_run(tmp_path_factory):
     artifacts = tmp_path_factory.mktemp("artifacts")
     metrics = train(tiny_config(artifacts))
     return artifacts / "tiny", metrics
+
+
+@pytest.fixture(scope="session")
+def exported_tiny(tiny_run, tmp_path_factory):
+    """The tiny model exported: (its artifacts dir with model files, a model store with both archives)."""
+    from export.run import ExportConfig, export
+
+    out_dir, _ = tiny_run
+    store = tmp_path_factory.mktemp("model_store")
+    export(ExportConfig("tiny", out_dir.parent, store))
+    return out_dir, store

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torchvision
 from PIL import Image
 
 from handlers.image import BadImage, open_image, to_pixels
@@ -131,6 +130,8 @@ def try_download(dataset_class, root: Path) -> str | None:
 
 
 def load_mnist_like(name: str, data_dir: Path, download: bool) -> tuple[dict, list[str]]:
+    import torchvision  # imported where needed: it adds seconds to every start
+
     if name == "fashion-mnist":
         tv_class, folders = torchvision.datasets.FashionMNIST, [DEBIAN_FASHION_MNIST]
         class_names = list(torchvision.datasets.FashionMNIST.classes)
@@ -152,6 +153,8 @@ def load_mnist_like(name: str, data_dir: Path, download: bool) -> tuple[dict, li
 
 
 def load_cifar10(data_dir: Path, download: bool) -> tuple[dict, list[str]]:
+    import torchvision
+
     folder = data_dir / "cifar-10-batches-py"
     if not (folder / "batches.meta").is_file() and download:
         failure = try_download(torchvision.datasets.CIFAR10, data_dir)

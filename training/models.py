@@ -9,7 +9,6 @@ from __future__ import annotations
 import inspect
 
 import torch
-import torchvision
 from torch import nn
 
 from training.errors import UserError
@@ -77,6 +76,8 @@ class SmallImageCNN(nn.Module):
 
 def resnet18(in_channels: int, height: int, width: int, num_classes: int) -> nn.Module:
     """torchvision's ResNet-18 with a stem for small inputs: a 3x3 stride-1 conv, no max-pool."""
+    import torchvision  # imported where needed: it adds seconds to every start
+
     model = torchvision.models.resnet18(weights=None, num_classes=num_classes)
     model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
     model.maxpool = nn.Identity()

@@ -8,12 +8,12 @@ for --resume). Every write is atomic; an interrupted run leaves the previous out
 from __future__ import annotations
 
 import datetime
+import importlib.metadata
 import platform
 import time
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from tqdm import tqdm
 
 from training import data as datasets
@@ -62,7 +62,7 @@ def make_spec(config: TrainConfig, data: datasets.Data, arch_args: dict, mean, s
         "std": std,
         "dataset": config.dataset,
         "torch_version": str(torch.__version__),
-        "torchvision_version": str(torchvision.__version__),
+        "torchvision_version": importlib.metadata.version("torchvision"),
         "python_version": platform.python_version(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -1,0 +1,137 @@
+"""handlers/: the pipeline's plain functions and the TorchServe adapter with a fake context."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import shutil
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from handlers.image import BadImage
+from handlers.pipeline import Classifier, Settings, classify_batch, decode_request, postprocess, threads_per_worker
+from handlers.torchserve_handler import ImageClassifierHandler
+
+CLASSES = ["zero", "one", "two"]
+
+
+def png(value: int, size=(28, 28)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("L", size, value).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def mean_pixel_classifier() -> Classifier:
+    """A real Classifier whose "model" maps the mean input to logits: enough to test batching."""
+    spec = {"class_names": CLASSES, "input": {"channels": 1, "height": 28, "width": 28, "background": [0, 0, 0]}}
+
+    def infer(batch: np.ndarray) -> np.ndarray:
+        mean = batch.reshape(len(batch), -1).mean(axis=1)
+        return np.stack([-mean, np.zeros_like(mean), mean], axis=1).astype(np.float32)
+
+    return Classifier(spec, np.float32([0.5]), np.float32([0.25]), 10_000_000, infer, "cpu")
+
+
+@pytest.mark.parametrize("request_row", [
+    {"data": bytearray(b"IMG")},
+    {"body": b"IMG"},
+    {"file": b"IMG"},
+    {"upload": bytearray(b"IMG")},  # multipart under another field name
+    {"body": {"data": base64.b64encode(b"IMG").decode()}},
+])
+def test_decode_request_accepts_raw_multipart_and_json(request_row):
+    assert decode_request(request_row) == b"IMG"
+
+
+@pytest.mark.parametrize("request_row, message", [
+    ({"body": {"data": "***"}}, "not valid base64"),
+    ({"body": {"image": "abc"}}, '{"data"'),
+    ({"body": [1, 2]}, '{"data"'),
+    ({"body": "plain text"}, "text"),
+    ({}, "empty"),
+])
+def test_decode_request_rejects_malformed_requests(request_row, message):
+    with pytest.raises(BadImage, match=message):
+        decode_request(request_row)
+
+
+def test_postprocess_gives_every_class_in_order_summing_to_one():
+    results = postprocess(np.array([[1.0, 3.0, -2.0], [100.0, -100.0, 0.0]], dtype=np.float32), CLASSES)
+    assert [r["label"] for r in results] == ["one", "zero"]
+    for result in results:
+        assert list(result["probabilities"]) == CLASSES
+        assert abs(sum(result["probabilities"].values()) - 1) <= 1e-9
+        assert json.loads(json.dumps(result)) == result  # plain JSON types
+
+
+def test_one_forward_pass_per_batch_and_a_bad_image_fails_only_itself():
+    calls = []
+    classifier = mean_pixel_classifier()
+    counting = Classifier(**{**classifier.__dict__, "infer": lambda b: calls.append(len(b)) or classifier.infer(b)})
+    rows = [{"data": png(0)}, {"data": b"garbage"}, {"data": png(255)}, {"body": {"data": "%%"}}, {"data": png(250)}]
+    results = classify_batch(rows, counting)
+    assert calls == [3]  # the three good images, in one forward pass
+    assert [r["label"] if isinstance(r, dict) else r.status for r in results] == ["zero", 400, "two", 400, "two"]
+
+
+class FakeContext:
+    """What TorchServe hands a handler: properties, manifest, yaml config, response status setters."""
+
+    def __init__(self, model_dir, yaml_config, serialized_file):
+        self.system_properties = {"model_dir": str(model_dir), "gpu_id": None}
+        self.manifest = {"model": {"serializedFile": serialized_file}}
+        self.model_yaml_config = yaml_config
+        self.model_name = "test"
+        self.statuses, self.content_types = {}, {}
+
+    def set_response_status(self, code, phrase, idx):
+        self.statuses[idx] = (code, phrase)
+
+    def set_response_content_type(self, idx, value):
+        self.content_types[idx] = value
+
+
+@pytest.mark.parametrize("backend, file_name", [("onnxruntime", "model.onnx"), ("torchscript", "model.torchscript.pt")])
+def test_handler_with_a_fake_context(exported_tiny, tmp_path, backend, file_name):
+    out_dir, _ = exported_tiny
+    shutil.copy(out_dir / "spec.json", tmp_path / "spec.json")
+    shutil.copy(out_dir / file_name, tmp_path / file_name)
+    context = FakeContext(tmp_path, {"minWorkers": 2, "handler": {"backend": backend}}, file_name)
+    handler = ImageClassifierHandler()
+    handler.initialize(context)
+    responses = handler.handle([{"data": png(0)}, {"body": b"not an image"}, {"data": png(200, (50, 40))}], context)
+    assert responses[0]["label"] in json.loads((tmp_path / "spec.json").read_text())["class_names"]
+    assert context.statuses == {1: (400, "Bad Request")}
+    assert context.content_types[1] == "application/json"
+    assert json.loads(responses[1]) == {"code": 400, "error": "not an image Pillow can read (UnidentifiedImageError)"}
+    assert len(responses[2]["probabilities"]) == 10
+
+
+@pytest.mark.parametrize("section, message", [
+    ({}, "handler.backend must be one of"),
+    ({"backend": "tensorrt"}, "handler.backend must be one of"),
+    ({"backend": "onnxruntime", "turbo": True}, "unknown handler setting"),
+])
+def test_settings_name_the_backend_explicitly(section, message):
+    with pytest.raises(ValueError, match=message):
+        Settings.from_yaml(section, "model.onnx")
+
+
+def test_threads_are_split_between_workers(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert threads_per_worker(workers=2, threads=0) == 4
+    assert threads_per_worker(workers=16, threads=0) == 1
+    assert threads_per_worker(workers=2, threads=3) == 3
+
+
+def test_archive_model_config_is_what_the_handler_reads():
+    from export.archive import ServingConfig
+
+    config = yaml.safe_load(yaml.safe_dump(ServingConfig().model_config("onnxruntime")))
+    settings = Settings.from_yaml(config["handler"], "model.onnx")
+    assert settings.backend == "onnxruntime" and settings.max_pixels == ServingConfig().max_pixels
+    assert config["batchSize"] >= 1 and config["maxBatchDelay"] >= 0
