@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import tiny_config
+from helpers import FASHION_MNIST, tiny_config
 
 
 @pytest.fixture(scope="session")
@@ -26,3 +26,39 @@ def exported_tiny(tiny_run, tmp_path_factory):
     store = tmp_path_factory.mktemp("model_store")
     export(ExportConfig("tiny", out_dir.parent, store))
     return out_dir, store
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory):
+    """(artifacts dir of the model, model store with its two archives) for a 2,000-image run."""
+    if not FASHION_MNIST.is_dir():
+        pytest.skip("Debian package dataset-fashion-mnist not installed (make test installs it)")
+    from export.run import ExportConfig, export
+    from training.run import train
+
+    root = tmp_path_factory.mktemp("served")
+    config = tiny_config(root / "artifacts", name="fmnist", dataset="fashion-mnist", model="cnn",
+                         train_limit=2000, batch_size=64, epochs=1)
+    train(config)
+    export(ExportConfig("fmnist", root / "artifacts", root / "model_store"))
+    return root / "artifacts" / "fmnist", root / "model_store"
+
+
+@pytest.fixture(scope="session")
+def served_images(exported):
+    """The first 24 Fashion-MNIST test images, their PNG bytes and the eager model's probabilities."""
+    import torch
+
+    from export.checkpoint import load_trained
+    from served import png
+    from training.data import load
+    from training.loop import normalize
+
+    out_dir, _ = exported
+    model, spec = load_trained(out_dir)
+    test = load("fashion-mnist", out_dir, 0.1, 0.1, 0, download=False).test
+    images = test.images[:24]
+    inputs = normalize(images, torch.tensor(spec["mean"]).view(1, -1, 1, 1), torch.tensor(spec["std"]).view(1, -1, 1, 1))
+    with torch.no_grad():
+        probabilities = torch.softmax(model(inputs).double(), dim=1).numpy()
+    return [png(image[0].numpy()) for image in images], probabilities, spec["class_names"]

@@ -40,6 +40,17 @@ def http(method: str, url: str, body: bytes | None = None, headers: dict | None 
         return error.code, error.read(), dict(error.headers)
 
 
+def predict(inference_url: str, model: str, body: bytes, content_type: str = "application/octet-stream",
+            **kw) -> tuple[int, dict | bytes, dict]:
+    """POST /predictions/<model>: (status, JSON body or raw bytes, headers)."""
+    status, payload, headers = http("POST", f"{inference_url}/predictions/{model}", body,
+                                    {"Content-Type": content_type}, **kw)
+    try:
+        return status, json.loads(payload), headers
+    except json.JSONDecodeError:
+        return status, payload, headers
+
+
 @dataclass
 class TorchServe:
     process: subprocess.Popen
@@ -53,12 +64,7 @@ class TorchServe:
         return "\n".join(p.read_text(errors="replace")[-4000:] for p in logs)
 
     def predict(self, model: str, body: bytes, content_type: str = "application/octet-stream", **kw):
-        status, payload, headers = http("POST", f"{self.inference}/predictions/{model}", body,
-                                        {"Content-Type": content_type}, **kw)
-        try:
-            return status, json.loads(payload), headers
-        except json.JSONDecodeError:
-            return status, payload, headers
+        return predict(self.inference, model, body, content_type, **kw)
 
     def wait_ready(self, models: list[str], timeout: float = 120) -> None:
         """Until /ping is Healthy and every model has all its workers READY."""

@@ -4,60 +4,16 @@ from __future__ import annotations
 
 import base64
 import http.client
-import io
 import json
-import struct
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import pytest
-import torch
-from PIL import Image
 
 import harness
+from served import BAD_INPUTS, assert_matches_eager
 
 pytestmark = pytest.mark.integration
 MODELS = ("fmnist", "fmnist-torchscript")
-
-
-def png(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-def png_chunk(kind: bytes, payload: bytes) -> bytes:
-    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-
-
-ZERO_WIDTH_PNG = (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", 0, 10, 8, 0, 0, 0, 0))
-                  + png_chunk(b"IDAT", zlib.compress(b"")) + png_chunk(b"IEND", b""))
-
-
-@pytest.fixture(scope="module")
-def test_images(exported):
-    """The first 24 Fashion-MNIST test images, their PNG bytes and the eager model's probabilities."""
-    from export.checkpoint import load_trained
-    from training.data import load
-    from training.loop import normalize
-
-    out_dir, _ = exported
-    model, spec = load_trained(out_dir)
-    test = load("fashion-mnist", out_dir, 0.1, 0.1, 0, download=False).test
-    images = test.images[:24]
-    inputs = normalize(images, torch.tensor(spec["mean"]).view(1, -1, 1, 1), torch.tensor(spec["std"]).view(1, -1, 1, 1))
-    with torch.no_grad():
-        probabilities = torch.softmax(model(inputs).double(), dim=1).numpy()
-    return [png(image[0].numpy()) for image in images], probabilities, spec["class_names"]
-
-
-def assert_matches_eager(body: dict, expected: np.ndarray, class_names: list[str]) -> None:
-    assert list(body["probabilities"]) == class_names  # every class, in class order
-    served = np.array(list(body["probabilities"].values()))
-    assert abs(served.sum() - 1) <= 1e-5
-    assert body["index"] == int(expected.argmax()) and body["label"] == class_names[body["index"]]
-    assert np.abs(served - expected).max() <= 1e-4
 
 
 def worker_pids(server, model: str) -> list[int]:
@@ -71,16 +27,16 @@ def test_ping_is_healthy(server):
 
 
 @pytest.mark.parametrize("model", MODELS)
-def test_predictions_match_in_process_eager_inference(server, test_images, model):
-    pngs, probabilities, class_names = test_images
+def test_predictions_match_in_process_eager_inference(server, served_images, model):
+    pngs, probabilities, class_names = served_images
     for image, expected in zip(pngs, probabilities):
         status, body, _ = server.predict(model, image, "image/png")
         assert status == 200, body
         assert_matches_eager(body, expected, class_names)
 
 
-def test_onnx_and_torchscript_archives_agree(server, test_images):
-    pngs, _, _ = test_images
+def test_onnx_and_torchscript_archives_agree(server, served_images):
+    pngs, _, _ = served_images
     for image in pngs[:8]:
         onnx_body = server.predict("fmnist", image)[1]
         script_body = server.predict("fmnist-torchscript", image)[1]
@@ -97,8 +53,8 @@ def multipart(field: str, filename: str, payload: bytes) -> tuple[bytes, str]:
     return body, f"multipart/form-data; boundary={boundary}"
 
 
-def test_request_formats_raw_multipart_json_and_put(server, test_images):
-    pngs, probabilities, class_names = test_images
+def test_request_formats_raw_multipart_json_and_put(server, served_images):
+    pngs, probabilities, class_names = served_images
     image, expected = pngs[0], probabilities[0]
     body, content_type = multipart("data", "shoe.png", image)
     requests = [
@@ -116,30 +72,16 @@ def test_request_formats_raw_multipart_json_and_put(server, test_images):
         assert_matches_eager(json.loads(answer), expected, class_names)
 
 
-BAD_INPUTS = {
-    "empty body": (b"", "application/octet-stream", 400, "empty"),
-    "not an image": (b"%PDF-1.4 definitely not a picture", "application/octet-stream", 400, "not an image"),
-    "truncated image": (png(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8))[:300],
-                        "image/png", 400, "truncated or corrupt"),
-    "zero-sized image": (ZERO_WIDTH_PNG, "image/png", 400, ""),
-    "decompression bomb": (png(np.zeros((6000, 6000), dtype=np.uint8)), "image/png", 413, "exceeds the limit"),
-    "invalid base64": (b'{"data": "not base64 at all!"}', "application/json", 400, "base64"),
-    "JSON of the wrong shape": (b'{"image": [1, 2, 3]}', "application/json", 400, '{"data"'),
-    "JSON list": (b"[1, 2, 3]", "application/json", 400, '{"data"'),
-    "text body": (b"hello", "text/plain", 400, "text"),
-}
-
-
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
 @pytest.mark.parametrize("model", MODELS)
-def test_bad_input_gets_a_clear_4xx_and_the_worker_survives(server, test_images, model, case):
+def test_bad_input_gets_a_clear_4xx_and_the_worker_survives(server, served_images, model, case):
     payload, content_type, expected_status, fragment = BAD_INPUTS[case]
     pids = worker_pids(server, model)
     status, body, headers = server.predict(model, payload, content_type)
     assert status == expected_status, body
     assert isinstance(body, dict) and fragment in body["error"], body
     assert worker_pids(server, model) == pids  # no worker died or restarted
-    pngs, probabilities, class_names = test_images
+    pngs, probabilities, class_names = served_images
     status, body, _ = server.predict(model, pngs[1])
     assert status == 200
     assert_matches_eager(body, probabilities[1], class_names)
@@ -158,8 +100,8 @@ def test_body_over_the_request_size_limit_is_413(server):
     connection.close()
 
 
-def test_32_concurrent_requests_with_one_bad_image_each_get_their_own_answer(server, test_images):
-    pngs, probabilities, class_names = test_images
+def test_32_concurrent_requests_with_one_bad_image_each_get_their_own_answer(server, served_images):
+    pngs, probabilities, class_names = served_images
     jobs = [(pngs[i % len(pngs)], i % len(pngs)) for i in range(32)]
     jobs[13] = (b"this one is broken", None)
 
@@ -176,7 +118,7 @@ def test_32_concurrent_requests_with_one_bad_image_each_get_their_own_answer(ser
             assert_matches_eager(body, probabilities[index], class_names)
 
 
-def test_metrics_count_inferences(server, test_images):
+def test_metrics_count_inferences(server, served_images):
     def count() -> float:
         status, body, _ = harness.http("GET", f"{server.metrics}/metrics")
         assert status == 200
@@ -185,6 +127,6 @@ def test_metrics_count_inferences(server, test_images):
         return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
 
     before = count()
-    for image in test_images[0][:5]:
+    for image in served_images[0][:5]:
         assert server.predict("fmnist", image)[0] == 200
     assert count() - before == 5

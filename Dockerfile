@@ -1,0 +1,55 @@
+# The serving image: TorchServe + the kit's handlers, serving the archives mounted at
+# /home/serve/model_store. Built by `docker compose up --build` (see docker-compose.yml).
+#
+# BASE_IMAGE: any Debian bookworm image. The default, python:3.11-slim-bookworm, needs a
+# registry; `make docker-offline` imports a local Debian base instead and writes it to .env.
+# Python packages come from docker/wheels/ when that holds wheels (machines without PyPI),
+# else from the package index (a CPU build of torch from the PyTorch CPU index).
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+
+# ---- stage 1: the virtual environment (its pip caches and the wheelhouse stay here)
+FROM ${BASE_IMAGE} AS venv
+ENV DEBIAN_FRONTEND=noninteractive PIP_DISABLE_PIP_VERSION_CHECK=1
+# python images bring Python 3.11 in /usr/local; a bare Debian base gets Debian's (also 3.11).
+RUN if ! python3 -c "import venv, ensurepip" 2>/dev/null; then \
+      apt-get update && apt-get install -y --no-install-recommends python3 python3-venv \
+      && rm -rf /var/lib/apt/lists/*; \
+    fi
+COPY docker/requirements-serve.txt /build/requirements-serve.txt
+COPY docker/wheels/ /build/wheels/
+RUN python3 -m venv /opt/venv \
+ && if ls /build/wheels/*.whl >/dev/null 2>&1; then \
+      /opt/venv/bin/pip install --no-cache-dir --no-index --find-links /build/wheels -r /build/requirements-serve.txt; \
+    else \
+      /opt/venv/bin/pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu \
+        -r /build/requirements-serve.txt; \
+    fi \
+ # What serving never uses: C++ headers, CMake files, static libraries, pip itself.
+ && site=/opt/venv/lib/python3.11/site-packages \
+ && rm -rf $site/torch/include $site/torch/share $site/torch/lib/*.a \
+           $site/pip $site/setuptools $site/wheel $site/*.dist-info/RECORD.jws \
+ && find /opt/venv -name "*.pyc" -path "*/tests/*" -delete
+
+# ---- stage 2: the runtime: a JRE, the same Python, the venv; no compilers, no caches
+FROM ${BASE_IMAGE}
+ENV DEBIAN_FRONTEND=noninteractive
+RUN python_packages=$(python3 -c "import sys" 2>/dev/null || echo python3) \
+ && apt-get update \
+ && apt-get install -y --no-install-recommends openjdk-17-jre-headless $python_packages \
+ && rm -rf /var/lib/apt/lists/* /var/cache/apt/* /var/log/apt /var/log/dpkg.log \
+ && useradd --system --uid 10001 --create-home --home-dir /home/serve --shell /usr/sbin/nologin serve
+COPY --from=venv /opt/venv /opt/venv
+COPY config.properties docker/log4j2.xml /home/serve/
+# Inside its own network namespace the server listens on all interfaces; compose publishes
+# only 8080 and 8082. Logs go to stdout (log4j2.xml), unpacked archives to /tmp.
+ENV PATH=/opt/venv/bin:$PATH \
+    TS_INFERENCE_ADDRESS=http://0.0.0.0:8080 \
+    TS_METRICS_ADDRESS=http://0.0.0.0:8082 \
+    TS_MANAGEMENT_ADDRESS=http://127.0.0.1:8081 \
+    LOG_LOCATION=/tmp/logs METRICS_LOCATION=/tmp/logs \
+    PYTHONDONTWRITEBYTECODE=1
+USER serve
+WORKDIR /home/serve
+EXPOSE 8080 8082
+CMD ["torchserve", "--start", "--foreground", "--ncs", "--ts-config", "/home/serve/config.properties", \
+     "--model-store", "/home/serve/model_store", "--log-config", "/home/serve/log4j2.xml"]

@@ -1,0 +1,189 @@
+"""`docker compose up` for real: build the image, serve the session's archives, check over HTTP.
+
+Needs a Docker engine with Compose v2. Where none runs and this is root with apt (CI here), the
+fixture prepares one with docker/prepare-offline.sh (the same script as `make docker-offline`)
+and stops the dockerd it started at the end. Always ends with `docker compose down -v`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+import harness
+from helpers import ROOT
+from served import BAD_INPUTS, assert_matches_eager
+
+pytestmark = pytest.mark.docker
+PROJECT = "kit-e2e"
+MODELS = ("fmnist", "fmnist-torchscript")
+
+
+def run(*command: str, env: dict | None = None, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def docker_ready() -> bool:
+    return (shutil.which("docker") is not None and run("docker", "info", check=False).returncode == 0
+            and run("docker", "compose", "version", check=False).returncode == 0)
+
+
+def base_image_available() -> bool:
+    if (ROOT / ".env").is_file():  # make docker-offline was run: its base image is named there
+        return True
+    default = "python:3.11-slim-bookworm"
+    return (run("docker", "image", "inspect", default, check=False).returncode == 0
+            or run("docker", "pull", default, check=False, timeout=120).returncode == 0)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    """A Docker engine with Compose v2 and a base image; a dockerd started here is stopped at the end."""
+    pidfile = Path(tempfile.mkdtemp()) / "dockerd.pid"
+    if not docker_ready() or not base_image_available():
+        if os.geteuid() != 0 or shutil.which("apt-get") is None:
+            pytest.skip("no Docker engine with Compose v2 and a base image, and not root with apt to prepare one")
+        run("bash", "docker/prepare-offline.sh", env={**os.environ, "DOCKERD_PIDFILE": str(pidfile)}, timeout=900)
+    yield
+    if pidfile.is_file():
+        pid = int(pidfile.read_text())
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(60):
+            if not Path(f"/proc/{pid}").exists():
+                break
+            time.sleep(0.5)
+
+
+def compose(*args: str, env: dict, timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess:
+    return run("docker", "compose", "-p", PROJECT, *args, env=env, timeout=timeout, check=check)
+
+
+def container_health(env: dict) -> tuple[str, str, str]:
+    """(status, health, container id) of the torchserve service's container."""
+    container = compose("ps", "-q", "torchserve", env=env).stdout.strip()
+    state = json.loads(run("docker", "inspect", container).stdout)[0]["State"]
+    return state["Status"], state.get("Health", {}).get("Status", ""), container
+
+
+def wait_until_answering(url: str, env: dict, timeout: float = 120) -> float:
+    """Seconds until the container is healthy and a prediction succeeds."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        status, health, _ = container_health(env)
+        if status == "running" and health == "healthy":
+            try:
+                if harness.http("GET", f"{url}/ping", timeout=3)[0] == 200:
+                    return time.monotonic() - started
+            except OSError:
+                pass
+        time.sleep(0.5)
+    raise TimeoutError(compose("logs", "--tail", "80", env=env, check=False).stdout)
+
+
+@pytest.fixture(scope="module")
+def stack(engine, exported):
+    """The compose stack built and up, serving the session's archives on free host ports."""
+    _, model_store = exported
+    store = Path(tempfile.mkdtemp(prefix="kit-e2e-store-"))  # world-readable: the container user is not root
+    store.chmod(0o755)
+    for archive in model_store.glob("*.mar"):
+        shutil.copy(archive, store / archive.name)
+        (store / archive.name).chmod(0o644)
+    inference_port, metrics_port = harness.free_ports(2)
+    env = {**os.environ, "MODEL_STORE": str(store), "INFERENCE_PORT": str(inference_port),
+           "METRICS_PORT": str(metrics_port)}
+    try:
+        build_started = time.monotonic()
+        compose("build", env=env)
+        build_seconds = time.monotonic() - build_started
+        up_started = time.monotonic()
+        compose("up", "-d", env=env)
+        url = f"http://127.0.0.1:{inference_port}"
+        wait_until_answering(url, env)
+        seconds_to_healthy = time.monotonic() - up_started
+        image = json.loads(run("docker", "image", "inspect", "image-classifier-serving:cpu").stdout)[0]
+        print(f"\nimage build {build_seconds:.0f} s, size {image['Size'] / 1e9:.2f} GB; "
+              f"docker compose up -> healthy in {seconds_to_healthy:.1f} s")
+        yield {"env": env, "url": url, "metrics": f"http://127.0.0.1:{metrics_port}"}
+    finally:
+        compose("down", "-v", "--remove-orphans", env=env, check=False)
+        shutil.rmtree(store, ignore_errors=True)
+
+
+def predict_when_ready(url: str, model: str, body: bytes, timeout: float = 60):
+    """Workers may still be loading right after /ping turns healthy: retry 503s for a while."""
+    deadline = time.monotonic() + timeout
+    while True:
+        answer = harness.predict(url, model, body, "image/png")
+        if answer[0] != 503 or time.monotonic() > deadline:
+            return answer
+        time.sleep(0.5)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_container_predictions_match_in_process_eager(stack, served_images, model):
+    pngs, probabilities, class_names = served_images
+    for image, expected in zip(pngs[:12], probabilities):
+        status, body, _ = predict_when_ready(stack["url"], model, image)
+        assert status == 200, body
+        assert_matches_eager(body, expected, class_names)
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_container_answers_bad_input_with_4xx(stack, served_images, case):
+    payload, content_type, expected_status, fragment = BAD_INPUTS[case]
+    predict_when_ready(stack["url"], "fmnist", served_images[0][0])
+    status, body, _ = harness.predict(stack["url"], "fmnist", payload, content_type)
+    assert status == expected_status and fragment in body["error"], body
+
+
+def test_runs_as_non_root_and_management_is_not_published(stack):
+    env = stack["env"]
+    assert compose("exec", "-T", "torchserve", "id", "-u", env=env).stdout.strip() != "0"
+    _, _, container = container_health(env)
+    processes = [line.split() for line in run("docker", "top", container, "-eo", "pid,uid,comm").stdout.splitlines()[1:]]
+    served = [uid for _, uid, command in processes if command in ("java", "python3", "torchserve")]
+    assert served and "0" not in served  # the frontend and every worker run as the image's user
+    published = compose("port", "torchserve", "8081", env=env, check=False)
+    assert published.returncode != 0 or not published.stdout.strip()
+    ip = json.loads(run("docker", "inspect", container).stdout)[0]["NetworkSettings"]["Networks"]
+    container_ip = next(iter(ip.values()))["IPAddress"]
+    with pytest.raises(OSError):  # not from the host, not even at the container's own address
+        harness.http("GET", f"http://{container_ip}:8081/models", timeout=3)
+    inside = compose("exec", "-T", "torchserve", "python3", "-c",
+                     "import urllib.request as u; print(u.urlopen('http://127.0.0.1:8081/models').status)", env=env)
+    assert inside.stdout.strip() == "200"  # operators reach it with docker compose exec
+
+
+def test_metrics_port_is_published(stack, served_images):
+    predict_when_ready(stack["url"], "fmnist", served_images[0][0])
+    status, body, _ = harness.http("GET", f"{stack['metrics']}/metrics")
+    assert status == 200 and b"ts_inference_requests_total" in body
+
+
+def test_service_recovers_after_torchserve_is_killed(stack, served_images):
+    env = stack["env"]
+    _, _, container = container_health(env)
+    processes = run("docker", "top", container, "-eo", "pid,comm").stdout.split("\n")[1:]
+    java = [int(line.split()[0]) for line in processes if line.split()[1:] == ["java"]]
+    assert len(java) == 1
+    os.kill(java[0], signal.SIGKILL)  # the TorchServe frontend inside the container
+    time.sleep(2)
+    wait_until_answering(stack["url"], env)
+    restarts = json.loads(run("docker", "inspect", container).stdout)[0]["RestartCount"]
+    assert restarts >= 1
+    pngs, probabilities, class_names = served_images
+    status, body, _ = predict_when_ready(stack["url"], "fmnist", pngs[0])
+    assert status == 200
+    assert_matches_eager(body, probabilities[0], class_names)

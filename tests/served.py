@@ -1,0 +1,47 @@
+"""What the serving tests send and expect, shared by the native (integration) and Docker (e2e) tests."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+from PIL import Image
+
+
+def png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+ZERO_WIDTH_PNG = (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", 0, 10, 8, 0, 0, 0, 0))
+                  + png_chunk(b"IDAT", zlib.compress(b"")) + png_chunk(b"IEND", b""))
+
+
+def assert_matches_eager(body: dict, expected: np.ndarray, class_names: list[str]) -> None:
+    assert list(body["probabilities"]) == class_names  # every class, in class order
+    served = np.array(list(body["probabilities"].values()))
+    assert abs(served.sum() - 1) <= 1e-5
+    assert body["index"] == int(expected.argmax()) and body["label"] == class_names[body["index"]]
+    assert np.abs(served - expected).max() <= 1e-4
+
+
+
+BAD_INPUTS = {
+    "empty body": (b"", "application/octet-stream", 400, "empty"),
+    "not an image": (b"%PDF-1.4 definitely not a picture", "application/octet-stream", 400, "not an image"),
+    "truncated image": (png(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8))[:300],
+                        "image/png", 400, "truncated or corrupt"),
+    "zero-sized image": (ZERO_WIDTH_PNG, "image/png", 400, ""),
+    "decompression bomb": (png(np.zeros((6000, 6000), dtype=np.uint8)), "image/png", 413, "exceeds the limit"),
+    "invalid base64": (b'{"data": "not base64 at all!"}', "application/json", 400, "base64"),
+    "JSON of the wrong shape": (b'{"image": [1, 2, 3]}', "application/json", 400, '{"data"'),
+    "JSON list": (b"[1, 2, 3]", "application/json", 400, '{"data"'),
+    "text body": (b"hello", "text/plain", 400, "text"),
+}
