@@ -4,7 +4,10 @@
 #   make export                TorchScript + ONNX, parity gate, archives in model_store/ (NAME=...)
 #   make serve                 TorchServe on 127.0.0.1:8080 in the foreground (Ctrl-C stops it)
 #   make predict IMAGE=shoe.png   ask the running server (MODEL_NAME=fashion-mnist-torchscript ...)
-#   make test                  the test suite
+#   make test                  the test suite (unit, integration with TorchServe, Docker end to end)
+#   make docker-offline        prepare a machine without registry access for `docker compose up`
+#   make image-size            the serving image's size
+#   make bench                 all benchmarks (bench-train, bench-export, bench-serve)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -18,7 +21,8 @@ EPOCHS ?=
 IMAGE ?=
 MODEL_NAME ?= $(NAME)
 
-.PHONY: venv data train export serve predict test clean help
+.PHONY: venv data java train export serve predict test docker-offline image-size bench bench-train \
+        bench-export bench-serve lint clean help
 
 help:
 	@sed -n '1,/^SHELL/p' Makefile | grep '^#' | sed 's/^# \{0,1\}//'
@@ -46,6 +50,16 @@ data:
 	  fi; \
 	fi
 
+# TorchServe's frontend needs Java 17.
+java:
+	@if ! java -version >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing openjdk-17-jre-headless"; \
+	    (apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless) >/dev/null \
+	      || { echo "error: apt-get install openjdk-17-jre-headless failed" >&2; exit 1; }; \
+	  else echo "error: TorchServe needs Java 17: install a JRE 17 (e.g. openjdk-17-jre-headless)" >&2; exit 1; fi; \
+	fi
+
 train: venv data
 	$(PY) -m training --dataset $(DATASET) --model $(MODEL) --name $(NAME) $(if $(EPOCHS),--epochs $(EPOCHS)) $(TRAIN_ARGS)
 
@@ -53,7 +67,7 @@ export: venv
 	$(PY) -m export --name $(NAME) $(EXPORT_ARGS)
 
 # TorchServe in the foreground on loopback, serving every archive in model_store/.
-serve: venv
+serve: venv java
 	@ls model_store/*.mar >/dev/null 2>&1 || { echo "error: no archives in model_store/: run make train export first" >&2; exit 1; }
 	@mkdir -p logs
 	LOG_LOCATION=logs METRICS_LOCATION=logs exec $(VENV)/bin/torchserve --start --foreground --ncs \
@@ -63,9 +77,33 @@ predict: venv
 	@[ -n "$(IMAGE)" ] || { echo "error: give an image: make predict IMAGE=path/to/image.png" >&2; exit 1; }
 	$(PY) -m client --model $(MODEL_NAME) $(IMAGE)
 
-test: venv
+test: venv java
 	@$(MAKE) --no-print-directory data DATASET=fashion-mnist
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: venv
+	$(PY) -m ruff check training export handlers client tests bench
+
+docker-offline: venv
+	bash docker/prepare-offline.sh
+
+image-size:
+	@docker image inspect image-classifier-serving:cpu --format '{{.Size}}' 2>/dev/null \
+	  | awk '{printf "image-classifier-serving:cpu  %.2f GB (%d bytes)\n", $$1 / 1e9, $$1}' \
+	  | grep . || { echo "error: no image yet: docker compose build" >&2; exit 1; }
+
+bench: bench-train bench-export bench-serve
+
+bench-train: venv data
+	$(PY) bench/train_speed.py
+
+bench-export: venv
+	$(PY) bench/export_speed.py --name $(NAME)
+
+bench-serve: venv java
+	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -qq wrk >/dev/null; } \
+	  || { echo "error: the load benchmark needs wrk (apt-get install wrk)" >&2; exit 1; }
+	$(PY) bench/serve_load.py --name $(NAME)
 
 clean:
 	rm -rf artifacts logs model_store/*.mar .pytest_cache

@@ -25,8 +25,8 @@ class ServingConfig:
     """What goes into each archive's model-config.yaml."""
 
     workers: int = 2  # per model; each gets CPU cores / workers intra-op threads
-    batch_size: int = 8  # TorchServe's dynamic batching: up to this many requests per forward pass
-    max_batch_delay_ms: int = 5  # how long a batch waits to fill up
+    batch_size: int = 16  # TorchServe's dynamic batching: up to this many requests per forward pass
+    max_batch_delay_ms: int = 1  # how long a batch waits to fill up (adds to latency at low load)
     response_timeout_s: int = 30
     max_pixels: int = 24_000_000  # larger images get 413 before they are decoded
 

@@ -6,6 +6,7 @@ and compared with the eager model at several batch sizes, then scored on the who
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,7 +34,9 @@ def eager_runner(model: torch.nn.Module) -> Runner:
 
 
 def torchscript_runner(path: Path) -> Runner:
-    module = torch.jit.load(str(path), map_location="cpu").eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated upstream, still supported
+        module = torch.jit.load(str(path), map_location="cpu").eval()
 
     def run(batch: np.ndarray) -> np.ndarray:
         with torch.inference_mode():

@@ -79,11 +79,15 @@ def onnxruntime_backend(path: Path, threads: int, gpu_id: int | None) -> tuple[C
 
 
 def torchscript_backend(path: Path, threads: int, gpu_id: int | None) -> tuple[Callable, str]:
+    import warnings
+
     import torch
 
     torch.set_num_threads(threads)
     device = torch.device(f"cuda:{gpu_id}" if gpu_id is not None and torch.cuda.is_available() else "cpu")
-    module = torch.jit.load(str(path), map_location=device).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated upstream, still supported
+        module = torch.jit.load(str(path), map_location=device).eval()
 
     def infer(batch: np.ndarray) -> np.ndarray:
         with torch.inference_mode():

@@ -1,0 +1,95 @@
+"""In-process inference benchmark (issue: export): eager vs TorchScript vs ONNX Runtime on this CPU.
+
+Prints batch-1 latency (median) and batch-64 throughput (median) for each format, measured in
+interleaved rounds in one run (these machines are noisy), with ratios to eager. Inputs are real
+normalized test images. Target: ONNX Runtime >= 2x eager at batch 1.
+
+Needs `make train export` first. Run: make bench-export   (about 1 minute)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from export.checkpoint import load_trained  # noqa: E402
+from export.parity import onnxruntime_runner  # noqa: E402
+from training.data import load  # noqa: E402
+from training.loop import normalize  # noqa: E402
+
+
+def runners(out_dir: Path) -> dict:
+    model, _ = load_trained(out_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        script = torch.jit.load(str(out_dir / "model.torchscript.pt")).eval()
+
+    def eager(batch):
+        with torch.inference_mode():
+            return model(torch.from_numpy(batch)).numpy()
+
+    def torchscript(batch):
+        with torch.inference_mode():
+            return script(torch.from_numpy(batch)).numpy()
+
+    return {"eager": eager, "torchscript": torchscript, "onnxruntime": onnxruntime_runner(out_dir / "model.onnx")}
+
+
+def time_calls(run, batch: np.ndarray, calls: int) -> float:
+    """Seconds per call over `calls` back-to-back calls."""
+    started = time.perf_counter()
+    for _ in range(calls):
+        run(batch)
+    return (time.perf_counter() - started) / calls
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--name", default="fashion-mnist")
+    p.add_argument("--rounds", type=int, default=15, help="interleaved rounds per measurement (%(default)s)")
+    args = p.parse_args()
+    out_dir = ROOT / "artifacts" / args.name
+    if not (out_dir / "model.onnx").is_file():
+        raise SystemExit(f"error: run `make train export NAME={args.name}` first")
+    spec = json.loads((out_dir / "spec.json").read_text())
+    run_config = json.loads((out_dir / "train_config.json").read_text())
+    test = load(run_config["dataset"], ROOT / "data", 0.1, 0.1, 0, download=False).test
+    images = normalize(test.images[:64], torch.tensor(spec["mean"]).view(1, -1, 1, 1),
+                       torch.tensor(spec["std"]).view(1, -1, 1, 1)).numpy()
+    formats = runners(out_dir)
+    for run in formats.values():  # warm-up: first calls allocate and optimize
+        for batch in (images[:1], images):
+            time_calls(run, batch, 20)
+
+    latency = {name: [] for name in formats}
+    throughput = {name: [] for name in formats}
+    for _ in range(args.rounds):
+        for name, run in formats.items():
+            latency[name].append(time_calls(run, images[:1], 100))
+            throughput[name].append(len(images) / time_calls(run, images, 10))
+
+    print(f"machine: {torch.get_num_threads()} threads, torch {torch.__version__}; model {spec['arch']} "
+          f"{spec['input']['channels']}x{spec['input']['height']}x{spec['input']['width']}; "
+          f"medians of {args.rounds} interleaved rounds")
+    print(f"{'format':<13}{'batch-1 latency':>17}{'x eager':>9}{'batch-64 images/s':>19}{'x eager':>9}")
+    eager_latency = statistics.median(latency["eager"])
+    eager_throughput = statistics.median(throughput["eager"])
+    for name in formats:
+        lat, thr = statistics.median(latency[name]), statistics.median(throughput[name])
+        print(f"{name:<13}{lat * 1e6:>14.0f} us{eager_latency / lat:>8.1f}x{thr:>19.0f}{thr / eager_throughput:>8.1f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""HTTP load benchmark against a native TorchServe (issue: serving). Prints, from one run,
+
+requests/s, p50/p99 latency and errors at concurrency 1, 8 and 32 for
+  /ping                                  the server's own ceiling,
+  /predictions/NAME                      the kit's ONNX Runtime archive,
+  /predictions/NAME-torchscript          the kit's TorchScript archive,
+  /predictions/NAME-baseline             the same model behind a handler written the way
+                                         TorchServe's MNIST example is (bench/baseline/),
+each backend's ratio to the baseline, and served requests/s as a fraction of in-process ONNX
+Runtime throughput at the served batch size (the limit for this model on this machine).
+
+Needs `make train export` first (artifacts/NAME, model_store/NAME*.mar) and wrk (Debian package).
+Run: make bench-serve   (about 3 minutes; every wrk run is bounded by --seconds)
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+import harness  # noqa: E402
+from export.archive import ARCHIVER  # noqa: E402
+from training.checkpoint import load_torch_file  # noqa: E402
+from training.models import ARCHITECTURES, conv_bn  # noqa: E402
+
+CONCURRENCY = (1, 8, 32)
+LUA = """
+local f = io.open(os.getenv("WRK_BODY"), "rb"); wrk.body = f:read("*a"); f:close()
+wrk.method = "POST"; wrk.headers["Content-Type"] = "image/png"
+"""
+
+
+def baseline_archive(out_dir: Path, store: Path, name: str) -> None:
+    """Packs the trained model as TorchServe's MNIST example would: model file + state_dict."""
+    spec = json.loads((out_dir / "spec.json").read_text())
+    model_class = ARCHITECTURES[spec["arch"]]
+    if not inspect.isclass(model_class):
+        raise SystemExit(f"the baseline handler serves class-based models (mlp, simple-cnn, cnn), not {spec['arch']}")
+    defaults = tuple(tuple(v) if isinstance(v, list) else v
+                     for v in (spec["arch_args"][p] for p in inspect.signature(model_class).parameters))
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        source = "import torch\nfrom torch import nn\n\n\n" + inspect.getsource(conv_bn) + "\n\n"
+        source += inspect.getsource(model_class) + "\n\n# BaseHandler builds the class without arguments.\n"
+        source += f"{model_class.__name__}.__init__.__defaults__ = {defaults!r}\n"
+        (scratch / "model.py").write_text(source)
+        state = load_torch_file(out_dir / "checkpoint.pt", "image-classifier-checkpoint/1", "train again")
+        torch.save(state["state_dict"], scratch / "state_dict.pt")
+        (scratch / "model-config.yaml").write_text(yaml.safe_dump(
+            {"minWorkers": 2, "maxWorkers": 2, "batchSize": 1, "maxBatchDelay": 0, "responseTimeout": 30}))
+        (scratch / "tmp").mkdir()
+        subprocess.run([ARCHIVER, "--model-name", name, "--version", "1.0", "--model-file", str(scratch / "model.py"),
+                        "--serialized-file", str(scratch / "state_dict.pt"),
+                        "--handler", str(ROOT / "bench" / "baseline" / "example_style_handler.py"),
+                        "--extra-files", str(out_dir / "spec.json"), "--config-file", str(scratch / "model-config.yaml"),
+                        "--export-path", str(store), "--force"],
+                       check=True, env={"TMPDIR": str(scratch / "tmp"), "PATH": "/usr/bin:/bin"})
+
+
+def parse_duration_ms(text: str) -> float:
+    match = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
+    if match is None:  # wrk prints e.g. "-nan" when no request finished
+        return float("nan")
+    value, unit = match.groups()
+    return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}[unit]
+
+
+def wrk(url: str, concurrency: int, seconds: float, body: Path | None, script: Path) -> dict:
+    command = ["wrk", f"-t{min(2, concurrency)}", f"-c{concurrency}", f"-d{seconds}s", "--latency", "--timeout", "10s"]
+    if body is not None:
+        command += ["-s", str(script)]
+    output = subprocess.run(command + [url], capture_output=True, text=True, check=True,
+                            env={"WRK_BODY": str(body or ""), "PATH": "/usr/bin:/bin"}).stdout
+    if "Latency Distribution" not in output:
+        raise RuntimeError(f"unexpected wrk output:\n{output}")
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
+    return {
+        "requests_per_second": float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1)),
+        "p50_ms": parse_duration_ms(re.search(r"50%\s+(\S+)", output).group(1)),
+        "p99_ms": parse_duration_ms(re.search(r"99%\s+(\S+)", output).group(1)),
+        "errors": (int(non_2xx.group(1)) if non_2xx else 0)
+                  + (sum(map(int, socket_errors.groups())) if socket_errors else 0),
+    }
+
+
+def in_process_onnxruntime(model_file: Path, image: np.ndarray, batch_size: int, seconds: float = 5) -> float:
+    """Images/s of ONNX Runtime on all cores at the served batch size: the ceiling for serving."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
+    batch = np.repeat(image[None], batch_size, axis=0)
+    name = session.get_inputs()[0].name
+    for _ in range(20):
+        session.run(None, {name: batch})
+    count, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        session.run(None, {name: batch})
+        count += batch_size
+    return count / (time.perf_counter() - started)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--name", default="fashion-mnist")
+    p.add_argument("--seconds", type=float, default=6, help="duration of each wrk run (%(default)s)")
+    args = p.parse_args()
+    if shutil.which("wrk") is None:
+        raise SystemExit("error: wrk is not installed: apt-get install wrk (make bench-serve does this)")
+    out_dir, store_dir = ROOT / "artifacts" / args.name, ROOT / "model_store"
+    archives = [store_dir / f"{args.name}.mar", store_dir / f"{args.name}-torchscript.mar"]
+    if not all(a.is_file() for a in archives) or not (out_dir / "checkpoint.pt").is_file():
+        raise SystemExit(f"error: run `make train export NAME={args.name}` first")
+
+    spec = json.loads((out_dir / "spec.json").read_text())
+    image_path = Path(tempfile.mkdtemp()) / "test-image.png"
+    from training.data import load
+
+    test = load(json.loads((out_dir / "train_config.json").read_text())["dataset"], ROOT / "data", 0.1, 0.1, 0,
+                download=False).test
+    Image.fromarray(test.images[0].permute(1, 2, 0).squeeze(-1).numpy()).save(image_path)
+    normalized = ((test.images[0].float() / 255 - torch.tensor(spec["mean"]).view(-1, 1, 1))
+                  / torch.tensor(spec["std"]).view(-1, 1, 1)).numpy()
+
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        store = scratch / "store"
+        store.mkdir()
+        for archive in archives:
+            shutil.copy(archive, store)
+        baseline = f"{args.name}-baseline"
+        baseline_archive(out_dir, store, baseline)
+        script = scratch / "post.lua"
+        script.write_text(LUA)
+        targets = [("/ping", "/ping", None), (f"{args.name} (onnxruntime)", f"/predictions/{args.name}", image_path),
+                   (f"{args.name}-torchscript", f"/predictions/{args.name}-torchscript", image_path),
+                   (f"{baseline} (example style)", f"/predictions/{baseline}", image_path)]
+        server = harness.start(store, scratch / "ts", [args.name, f"{args.name}-torchscript", baseline])
+        try:
+            results = {}
+            for label, path, body in targets:
+                wrk(server.inference + path, 8, 1, body, script)  # warm-up
+                for concurrency in CONCURRENCY:
+                    results[label, concurrency] = wrk(server.inference + path, concurrency, args.seconds, body, script)
+        finally:
+            server.stop()
+        served_config = yaml.safe_load(subprocess.run(["unzip", "-p", str(archives[0]), "model-config.yaml"],
+                                                      capture_output=True, text=True, check=True).stdout)
+        ceiling = in_process_onnxruntime(out_dir / "model.onnx", normalized, served_config["batchSize"])
+
+    print(f"machine: {torch.get_num_threads()} cores, model {spec['arch']} {spec['input']}, "
+          f"served batchSize {served_config['batchSize']}, maxBatchDelay {served_config['maxBatchDelay']} ms, "
+          f"wrk {args.seconds:g} s per row")
+    print(f"{'target':<34}{'conc':>5}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}{'x baseline':>12}"
+          f"{'of ceiling':>12}")
+    for (label, concurrency), row in results.items():
+        base = results[(targets[3][0], concurrency)]["requests_per_second"]
+        ratio = f"{row['requests_per_second'] / base:.1f}x" if label != targets[0][0] else ""
+        share = f"{row['requests_per_second'] / ceiling:.0%}" if label != targets[0][0] else ""
+        print(f"{label:<34}{concurrency:>5}{row['requests_per_second']:>10.0f}{row['p50_ms']:>9.2f}"
+              f"{row['p99_ms']:>9.2f}{row['errors']:>8}{ratio:>12}{share:>12}")
+    print(f"in-process ONNX Runtime at batch {served_config['batchSize']} (the ceiling): {ceiling:.0f} images/s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
