@@ -20,6 +20,7 @@ EPOCHS ?=
 
 IMAGE ?=
 MODEL_NAME ?= $(NAME)
+MODEL_STORE ?= model_store
 
 .PHONY: venv data java train export serve predict test docker-offline image-size bench bench-train \
         bench-export bench-serve lint clean help
@@ -68,10 +69,14 @@ export: venv
 
 # TorchServe in the foreground on loopback, serving every archive in model_store/.
 serve: venv java
-	@ls model_store/*.mar >/dev/null 2>&1 || { echo "error: no archives in model_store/: run make train export first" >&2; exit 1; }
+	@ls $(MODEL_STORE)/*.mar >/dev/null 2>&1 || { echo "error: no archives in $(MODEL_STORE)/: run make train export first" >&2; exit 1; }
 	@mkdir -p logs
-	LOG_LOCATION=logs METRICS_LOCATION=logs exec $(VENV)/bin/torchserve --start --foreground --ncs \
-	  --ts-config config.properties --model-store model_store
+	@# Own process group: Ctrl-C reaches only this shell, which stops the frontend and its workers
+	@# with SIGTERM (a graceful shutdown) instead of dumping a traceback from every worker.
+	@LOG_LOCATION=logs METRICS_LOCATION=logs setsid $(VENV)/bin/torchserve --start --foreground --ncs \
+	  --ts-config config.properties --model-store $(MODEL_STORE) & server=$$!; \
+	trap 'echo "stopping TorchServe"; kill -TERM -$$server 2>/dev/null' INT TERM; \
+	wait $$server; wait $$server; true
 
 predict: venv
 	@[ -n "$(IMAGE)" ] || { echo "error: give an image: make predict IMAGE=path/to/image.png" >&2; exit 1; }
