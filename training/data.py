@@ -241,19 +241,27 @@ class FolderImages(torch.utils.data.Dataset):
         return torch.from_numpy(pixels.copy()), self.labels[index]
 
 
-def decode_all(files: list[Path], labels: torch.Tensor, shape, workers: int) -> torch.Tensor:
-    """Decodes every file once (in parallel); truncated or corrupt files are a UserError."""
-    dataset = FolderImages(files, labels, shape)
-    bad, images = [], torch.empty((len(files), *shape), dtype=torch.uint8)
+class DecodeOrError(torch.utils.data.Dataset):
+    """(index, pixels) or (index, error message): problems are collected, not raised in a worker."""
 
-    def decode(index: int):
+    def __init__(self, images: FolderImages):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
         try:
-            return index, dataset[index][0]
+            return index, self.images[index][0]
         except (BadImage, OSError) as error:
             return index, str(error)
 
-    loader = torch.utils.data.DataLoader(range(len(files)), batch_size=64, num_workers=workers,
-                                         collate_fn=lambda batch: [decode(i) for i in batch])
+
+def decode_all(files: list[Path], labels: torch.Tensor, shape, workers: int) -> torch.Tensor:
+    """Decodes every file once (in parallel); truncated or corrupt files are a UserError."""
+    images, bad = torch.empty((len(files), *shape), dtype=torch.uint8), []
+    loader = torch.utils.data.DataLoader(DecodeOrError(FolderImages(files, labels, shape)), batch_size=64,
+                                         num_workers=workers, collate_fn=list)
     for batch in loader:
         for index, result in batch:
             if isinstance(result, str):
@@ -360,9 +368,9 @@ def channel_stats(split: Split, shape, batches) -> tuple[list[float], list[float
     squares = torch.zeros(channels, dtype=torch.float64)
     count = 0
     for images, _ in batches:
-        x = images.to(torch.float64) / 255
-        total += x.sum(dim=(0, 2, 3)).cpu()
-        squares += (x * x).sum(dim=(0, 2, 3)).cpu()
+        x = images.float() / 255  # float32 per batch (MPS has no float64), float64 across batches
+        total += x.sum(dim=(0, 2, 3)).double().cpu()
+        squares += (x * x).sum(dim=(0, 2, 3)).double().cpu()
         count += x.numel() // channels
     mean = total / count
     std = (squares / count - mean * mean).clamp_min(1e-12).sqrt()

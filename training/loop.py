@@ -39,7 +39,10 @@ def pick_autocast_dtype(precision: str, device: torch.device) -> torch.dtype | N
     if device.type == "cuda":
         fast_bf16 = torch.cuda.is_bf16_supported()
     elif device.type == "cpu":
-        fast_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        try:  # oneDNN's own check for AVX512-BF16 / AMX; a private API, so guarded
+            fast_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        except (AttributeError, RuntimeError):
+            fast_bf16 = False
     else:
         fast_bf16 = False
     if precision == "fp32" or (precision == "auto" and not fast_bf16):

@@ -137,6 +137,7 @@ def train(config: TrainConfig) -> dict:
                                num_classes=len(data.class_names))
     model = build(config.model, **arch_args).to(device, memory_format=torch.channels_last)
     optimizer = make_optimizer(config, model)
+    # batches() drops a last batch of one image (batch norm cannot train on it): count as it does
     steps_per_epoch = max(1, len(data.train) // config.batch_size + (len(data.train) % config.batch_size > 1))
     scheduler = make_scheduler(config, optimizer, steps_per_epoch)
     generator = torch.Generator(device=device).manual_seed(config.seed)

@@ -126,7 +126,7 @@ def make_pictures(root, per_class=6):
 def test_folder_of_mixed_sizes_and_modes_is_resized_and_converted_and_says_so(tmp_path):
     make_pictures(tmp_path / "pics")
     loaded = data.load(f"folder:{tmp_path / 'pics'}", None, val_fraction=0.2, test_fraction=0.2, seed=0,
-                       workers=0)
+                       workers=2)  # decoded by worker processes
     assert loaded.class_names == ["bright", "dark"]
     assert loaded.shape == (3, 64, 64)
     assert any("resized" in note for note in loaded.notes) and any("converted" in note for note in loaded.notes)

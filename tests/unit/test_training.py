@@ -179,3 +179,11 @@ def test_help_documents_every_option():
     assert result.returncode == 0
     for field in TrainConfig.__dataclass_fields__:
         assert "--" + field.replace("_", "-") in result.stdout, field
+
+
+def test_compiled_training_saves_the_bare_model(tmp_path):
+    """--compile trains through torch.compile's wrapper; the checkpoint holds the bare model's keys."""
+    metrics = train(tiny_config(tmp_path, model="mlp", compile=True, train_limit=256))
+    record = torch.load(tmp_path / "tiny" / "checkpoint.pt", weights_only=True)
+    assert set(record["state_dict"]) == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}
+    assert metrics["test_accuracy"] > 0.2
