@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import harness  # noqa: E402
+
 from export.archive import ARCHIVER  # noqa: E402
 from training.checkpoint import load_torch_file  # noqa: E402
 from training.models import ARCHITECTURES, conv_bn  # noqa: E402
@@ -68,7 +69,8 @@ def baseline_archive(out_dir: Path, store: Path, name: str) -> None:
         subprocess.run([ARCHIVER, "--model-name", name, "--version", "1.0", "--model-file", str(scratch / "model.py"),
                         "--serialized-file", str(scratch / "state_dict.pt"),
                         "--handler", str(ROOT / "bench" / "baseline" / "example_style_handler.py"),
-                        "--extra-files", str(out_dir / "spec.json"), "--config-file", str(scratch / "model-config.yaml"),
+                        "--extra-files", str(out_dir / "spec.json"),
+                        "--config-file", str(scratch / "model-config.yaml"),
                         "--export-path", str(store), "--force"],
                        check=True, env={"TMPDIR": str(scratch / "tmp"), "PATH": "/usr/bin:/bin"})
 
@@ -93,8 +95,9 @@ def wrk(url: str, concurrency: int, seconds: float, body: Path | None, script: P
     socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
     return {
         "requests_per_second": float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1)),
-        "p50_ms": parse_duration_ms(re.search(r"50%\s+(\S+)", output).group(1)),
-        "p99_ms": parse_duration_ms(re.search(r"99%\s+(\S+)", output).group(1)),
+        # anchored at line starts: "+/- Stdev" columns also end in "%"
+        "p50_ms": parse_duration_ms(re.search(r"^\s+50%\s+(\S+)", output, re.M).group(1)),
+        "p99_ms": parse_duration_ms(re.search(r"^\s+99%\s+(\S+)", output, re.M).group(1)),
         "errors": (int(non_2xx.group(1)) if non_2xx else 0)
                   + (sum(map(int, socket_errors.groups())) if socket_errors else 0),
     }

@@ -19,7 +19,8 @@ INPUT_NAME, OUTPUT_NAME = "input", "logits"
 
 def example_input(spec: dict, batch: int = 2) -> torch.Tensor:
     shape = spec["input"]
-    return torch.randn(batch, shape["channels"], shape["height"], shape["width"], generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(batch, shape["channels"], shape["height"], shape["width"], generator=generator)
 
 
 def to_torchscript(model: torch.nn.Module, spec: dict, path: Path) -> None:

@@ -98,7 +98,7 @@ def export(config: ExportConfig) -> dict:
             path.unlink(missing_ok=True)
 
     spec_file = out_dir / "spec.json"
-    for name, (file_name, _, backend, suffix) in FORMATS.items():
+    for file_name, _, backend, suffix in FORMATS.values():
         archive = build_archive(config.name + suffix, out_dir / file_name, spec_file, backend,
                                 config.model_store, config.serving)
         print(f"wrote {archive} ({archive.stat().st_size / 1e6:.1f} MB, {backend})")

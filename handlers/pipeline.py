@@ -10,9 +10,10 @@ import base64
 import binascii
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -74,7 +75,7 @@ def onnxruntime_backend(path: Path, threads: int, gpu_id: int | None) -> tuple[C
         providers.insert(0, ("CUDAExecutionProvider", {"device_id": gpu_id}))
     session = ort.InferenceSession(str(path), options, providers=providers)
     input_name = session.get_inputs()[0].name
-    device = "cuda:%d" % gpu_id if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+    device = f"cuda:{gpu_id}" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
     return (lambda batch: session.run(None, {input_name: batch})[0]), device
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from helpers import FASHION_MNIST, tiny_config
 
 
@@ -48,9 +47,9 @@ def exported(tmp_path_factory):
 def served_images(exported):
     """The first 24 Fashion-MNIST test images, their PNG bytes and the eager model's probabilities."""
     import torch
+    from served import png
 
     from export.checkpoint import load_trained
-    from served import png
     from training.data import load
     from training.loop import normalize
 
@@ -58,7 +57,8 @@ def served_images(exported):
     model, spec = load_trained(out_dir)
     test = load("fashion-mnist", out_dir, 0.1, 0.1, 0, download=False).test
     images = test.images[:24]
-    inputs = normalize(images, torch.tensor(spec["mean"]).view(1, -1, 1, 1), torch.tensor(spec["std"]).view(1, -1, 1, 1))
+    mean, std = torch.tensor(spec["mean"]).view(1, -1, 1, 1), torch.tensor(spec["std"]).view(1, -1, 1, 1)
+    inputs = normalize(images, mean, std)
     with torch.no_grad():
         probabilities = torch.softmax(model(inputs).double(), dim=1).numpy()
     return [png(image[0].numpy()) for image in images], probabilities, spec["class_names"]

@@ -17,12 +17,28 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from training import data as datasets
-from training.checkpoint import (TRAINING_STATE_FORMAT, bare_state_dict, load_torch_file, save_checkpoint,
-                                 torch_bytes, write_bytes_atomic, write_json_atomic)
+from training.checkpoint import (
+    TRAINING_STATE_FORMAT,
+    bare_state_dict,
+    load_torch_file,
+    save_checkpoint,
+    torch_bytes,
+    write_bytes_atomic,
+    write_json_atomic,
+)
 from training.config import TrainConfig
 from training.errors import UserError
-from training.loop import (batches, evaluate, make_optimizer, make_scheduler, normalize, pick_autocast_dtype,
-                           pick_device, random_crop, random_flip)
+from training.loop import (
+    batches,
+    evaluate,
+    make_optimizer,
+    make_scheduler,
+    normalize,
+    pick_autocast_dtype,
+    pick_device,
+    random_crop,
+    random_flip,
+)
 from training.metrics import confusion_matrix, per_class
 from training.models import build, full_arguments
 from training.plots import plot_confusion, plot_curves
@@ -64,7 +80,7 @@ def make_spec(config: TrainConfig, data: datasets.Data, arch_args: dict, mean, s
         "torch_version": str(torch.__version__),
         "torchvision_version": importlib.metadata.version("torchvision"),
         "python_version": platform.python_version(),
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
 
 

@@ -16,9 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import pytest
-
 import harness
+import pytest
 from helpers import ROOT
 from served import BAD_INPUTS, assert_matches_eager
 
@@ -27,7 +26,8 @@ PROJECT = "kit-e2e"
 MODELS = ("fmnist", "fmnist-torchscript")
 
 
-def run(*command: str, env: dict | None = None, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+def run(*command: str, env: dict | None = None, timeout: float = 600,
+        check: bool = True) -> subprocess.CompletedProcess:
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
@@ -152,7 +152,8 @@ def test_runs_as_non_root_and_management_is_not_published(stack):
     env = stack["env"]
     assert compose("exec", "-T", "torchserve", "id", "-u", env=env).stdout.strip() != "0"
     _, _, container = container_health(env)
-    processes = [line.split() for line in run("docker", "top", container, "-eo", "pid,uid,comm").stdout.splitlines()[1:]]
+    listing = run("docker", "top", container, "-eo", "pid,uid,comm").stdout
+    processes = [line.split() for line in listing.splitlines()[1:]]
     served = [uid for _, uid, command in processes if command in ("java", "python3", "torchserve")]
     assert served and "0" not in served  # the frontend and every worker run as the image's user
     published = compose("port", "torchserve", "8081", env=env, check=False)

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import pytest
-
 import harness
+import pytest
 
 
 @pytest.fixture(scope="session")

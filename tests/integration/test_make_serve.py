@@ -8,9 +8,8 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
-
 import harness
+import pytest
 from helpers import ROOT
 
 pytestmark = pytest.mark.integration

@@ -7,9 +7,8 @@ import http.client
 import json
 from concurrent.futures import ThreadPoolExecutor
 
-import pytest
-
 import harness
+import pytest
 from served import BAD_INPUTS, assert_matches_eager
 
 pytestmark = pytest.mark.integration
@@ -110,7 +109,7 @@ def test_32_concurrent_requests_with_one_bad_image_each_get_their_own_answer(ser
 
     with ThreadPoolExecutor(max_workers=32) as pool:
         answers = list(pool.map(send, jobs))
-    for (payload, index), (status, body, _) in zip(jobs, answers):
+    for (_, index), (status, body, _) in zip(jobs, answers):
         if index is None:
             assert status == 400 and "not an image" in body["error"]
         else:

@@ -9,9 +9,9 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from helpers import FASHION_MNIST
 from PIL import Image
 
-from helpers import FASHION_MNIST
 from training import data
 from training.errors import UserError
 

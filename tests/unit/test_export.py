@@ -10,10 +10,10 @@ import onnx
 import pytest
 import torch
 import yaml
+from helpers import assert_one_line_error, run_cli
 
 from export import archive, convert
 from export.run import ExportConfig, export
-from helpers import assert_one_line_error, run_cli
 from training.errors import UserError
 
 

@@ -7,9 +7,9 @@ import io
 import numpy as np
 import pytest
 import torch
+from helpers import FASHION_MNIST
 from PIL import Image
 
-from helpers import FASHION_MNIST
 from handlers.image import BadImage, normalize, open_image, to_pixels
 
 LIMIT = 10_000_000

@@ -10,8 +10,8 @@ import time
 
 import pytest
 import torch
-
 from helpers import ROOT, assert_one_line_error, run_cli, tiny_config
+
 from training.checkpoint import CHECKPOINT_FORMAT, sha256_of
 from training.config import TrainConfig
 from training.errors import UserError
