@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from handlers.pipeline import DEFAULT_MAX_PIXELS
 from training.errors import UserError
 
 HANDLERS_DIR = Path(__file__).resolve().parents[1] / "handlers"
@@ -28,7 +29,7 @@ class ServingConfig:
     batch_size: int = 16  # TorchServe's dynamic batching: up to this many requests per forward pass
     max_batch_delay_ms: int = 1  # how long a batch waits to fill up (adds to latency at low load)
     response_timeout_s: int = 30
-    max_pixels: int = 24_000_000  # larger images get 413 before they are decoded
+    max_pixels: int = DEFAULT_MAX_PIXELS  # larger images get 413 before they are decoded
 
     def model_config(self, backend: str) -> dict:
         return {"minWorkers": self.workers, "maxWorkers": self.workers, "batchSize": self.batch_size,

@@ -1,6 +1,6 @@
 """The serving pipeline as plain functions: decode -> preprocess -> infer -> postprocess.
 
-Nothing here knows TorchServe; `handlers/serve.py` adapts it. A `Classifier` is built once per
+Nothing here knows TorchServe; `handlers/torchserve_handler.py` adapts it. A `Classifier` is built once per
 worker from the model directory (spec.json + the serialized model + the archive's settings).
 """
 

@@ -20,7 +20,7 @@ class TrainConfig:
     name: str = "fashion-mnist"  # the model's name: artifacts/<name>/, model_store/<name>.mar
     dataset: str = "fashion-mnist"
     model: str = DEFAULT_ARCH
-    epochs: int = 12
+    epochs: int = 11
     batch_size: int = 256
     optimizer: str = "sgd"  # sgd (momentum, Nesterov) or adamw
     lr: float = 0.1  # peak learning rate
