@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from training import data as datasets  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
-from training.loop import batches, make_optimizer, make_scheduler, pick_autocast_dtype  # noqa: E402
+from training.loop import batches, make_optimizer, make_scheduler, per_channel, pick_autocast_dtype  # noqa: E402
 from training.models import build  # noqa: E402
 from training.run import train_epoch  # noqa: E402
 
@@ -79,7 +79,7 @@ def kit_images_per_second(data, mean, std) -> tuple[float, str]:
     optimizer = make_optimizer(config, model)
     scheduler = make_scheduler(config, optimizer, len(data.train) // config.batch_size + 20)  # + warm-up steps
     generator = torch.Generator().manual_seed(0)
-    mean_t, std_t = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
+    mean_t, std_t = per_channel(mean), per_channel(std)
     # warm-up on a slice, then one timed epoch over the whole training split
     warm = datasets.Data(data.dataset, data.class_names, data.shape, data.train.subset(torch.arange(2048)),
                          data.val, data.test, data.flip_ok)

@@ -21,7 +21,7 @@ from training import data as datasets
 from training.checkpoint import write_json_atomic
 from training.config import NAME_PATTERN
 from training.errors import UserError
-from training.loop import batches, normalize
+from training.loop import batches, normalize, per_channel
 
 FORMATS = {  # format name -> (file name, runner loading it from disk, TorchServe backend, archive suffix)
     "torchscript": ("model.torchscript.pt", parity.torchscript_runner, "torchscript", "-torchscript"),
@@ -56,8 +56,7 @@ def test_images(out_dir: Path, spec: dict):
                              run["seed"], run["image_size"], run["max_memory_mb"], run["workers"], download=False)
     except UserError as error:
         raise UserError(f"the parity gate needs the test images of {run['dataset']}: {error}") from None
-    mean = torch.tensor(spec["mean"]).view(1, -1, 1, 1)
-    std = torch.tensor(spec["std"]).view(1, -1, 1, 1)
+    mean, std = per_channel(spec["mean"]), per_channel(spec["std"])
     shape = tuple(data.shape)
 
     def test_batches():

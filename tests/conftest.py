@@ -51,14 +51,13 @@ def served_images(exported):
 
     from export.checkpoint import load_trained
     from training.data import load
-    from training.loop import normalize
+    from training.loop import normalize, per_channel
 
     out_dir, _ = exported
     model, spec = load_trained(out_dir)
     test = load("fashion-mnist", out_dir, 0.1, 0.1, 0, download=False).test
     images = test.images[:24]
-    mean, std = torch.tensor(spec["mean"]).view(1, -1, 1, 1), torch.tensor(spec["std"]).view(1, -1, 1, 1)
-    inputs = normalize(images, mean, std)
+    inputs = normalize(images, per_channel(spec["mean"]), per_channel(spec["std"]))
     with torch.no_grad():
         probabilities = torch.softmax(model(inputs).double(), dim=1).numpy()
     return [png(image[0].numpy()) for image in images], probabilities, spec["class_names"]

@@ -80,6 +80,11 @@ def batches(split: Split, batch_size: int, device: torch.device, generator: torc
         yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
 
+def per_channel(values: list[float], device: torch.device | str = "cpu") -> torch.Tensor:
+    """Per-channel statistics (mean or std) as a (1, C, 1, 1) tensor that broadcasts over a batch."""
+    return torch.tensor(values, device=device).view(1, -1, 1, 1)
+
+
 def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """uint8 (N, C, H, W) -> float32 ((x / 255) - mean) / std: the same ops as handlers.image.normalize."""
     return (images.float() / 255 - mean) / std

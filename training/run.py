@@ -34,6 +34,7 @@ from training.loop import (
     make_optimizer,
     make_scheduler,
     normalize,
+    per_channel,
     pick_autocast_dtype,
     pick_device,
     random_crop,
@@ -166,8 +167,7 @@ def train(config: TrainConfig) -> dict:
     else:
         mean, std = datasets.channel_stats(data.train, data.shape, batches(
             data.train, 1024, device, None, data.shape, config.workers))
-    mean_t = torch.tensor(mean, device=device).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, device=device).view(1, -1, 1, 1)
+    mean_t, std_t = per_channel(mean, device), per_channel(std, device)
     trainable = torch.compile(model) if config.compile else model
     precision = "bf16 autocast" if autocast_dtype else "fp32"
     print(f"training {config.model} on {config.dataset} ({len(data.train)} train / {len(data.val)} val / "
@@ -187,13 +187,14 @@ def train(config: TrainConfig) -> dict:
         loop["history"].append({"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_accuracy,
                                 "val_loss": val_loss, "val_accuracy": val_accuracy,
                                 "images_per_second": seen / seconds, "lr": optimizer.param_groups[0]["lr"]})
+        weights = bare_state_dict(model)
         improved = val_accuracy > loop["best_val_accuracy"]
         if improved:
-            loop.update(best_state=bare_state_dict(model), best_epoch=epoch, best_val_accuracy=val_accuracy)
+            loop.update(best_state=weights, best_epoch=epoch, best_val_accuracy=val_accuracy)
         loop["epoch"] = epoch
-        write_bytes_atomic(out_dir / "last.pt", torch_bytes({
+        write_bytes_atomic(out_dir / "last.pt", torch_bytes({  # shared tensors are stored once
             "format": TRAINING_STATE_FORMAT, "config": config.to_json(), **loop, "mean": mean, "std": std,
-            "model": bare_state_dict(model), "optimizer": optimizer.state_dict(),
+            "model": weights, "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
             "cpu_rng": torch.get_rng_state()}))
         print(f"epoch {epoch:3d}/{config.epochs}  train loss {train_loss:.4f} acc {train_accuracy:.4f}  "
