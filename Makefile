@@ -3,7 +3,8 @@
 #   make train DATASET=mnist-5k MODEL=simple-cnn NAME=digits EPOCHS=5
 #   make export                TorchScript + ONNX, parity gate, archives in model_store/ (NAME=...)
 #   make serve                 TorchServe on 127.0.0.1:8080 in the foreground (Ctrl-C stops it)
-#   make predict IMAGE=shoe.png   ask the running server (MODEL_NAME=fashion-mnist-torchscript ...)
+#   make samples               a few test images as PNG files in samples/, to send to the server
+#   make predict IMAGE=samples/0-ankle-boot.png   ask the running server (MODEL_NAME=...)
 #   make test                  the test suite (unit, integration with TorchServe, Docker end to end)
 #   make docker-offline        prepare a machine without registry access for `docker compose up`
 #   make image-size            the serving image's size
@@ -22,7 +23,7 @@ IMAGE ?=
 MODEL_NAME ?= $(NAME)
 MODEL_STORE ?= model_store
 
-.PHONY: venv data java train export serve predict test docker-offline image-size bench bench-train \
+.PHONY: venv data java train export serve samples predict test docker-offline image-size bench bench-train \
         bench-export bench-serve lint clean help
 
 help:
@@ -77,6 +78,9 @@ serve: venv java
 	  --ts-config config.properties --model-store $(MODEL_STORE) & server=$$!; \
 	trap 'echo "stopping TorchServe"; kill -TERM -$$server 2>/dev/null' INT TERM; \
 	wait $$server; wait $$server; true
+
+samples: venv data
+	$(PY) -m training.samples --dataset $(DATASET)
 
 predict: venv
 	@[ -n "$(IMAGE)" ] || { echo "error: give an image: make predict IMAGE=path/to/image.png" >&2; exit 1; }

@@ -41,12 +41,18 @@ def main(argv: list[str] | None = None) -> int:
     failures = 0
     for path in args.images:
         try:
-            status, body = predict(f"{args.url}/predictions/{args.model}", path.read_bytes())
-        except OSError as error:  # unreadable file, refused connection, timeout
-            reason = getattr(error, "reason", None) or error.strerror or error
-            print(f"{path}: error: {reason}", file=sys.stderr)
+            image = path.read_bytes()
+        except OSError as error:
+            print(f"{path}: error: {error.strerror or error}", file=sys.stderr)
             failures += 1
             continue
+        try:
+            status, body = predict(f"{args.url}/predictions/{args.model}", image)
+        except OSError as error:  # refused connection, timeout: the same for every other image
+            reason = getattr(error, "reason", None) or error
+            print(f"error: cannot reach {args.url} ({reason}): start the server (make serve, or "
+                  "docker compose up)", file=sys.stderr)
+            return 1
         if status != 200:
             message = body.get("error") or body.get("message") or body
             print(f"{path}: error {status}: {message}", file=sys.stderr)

@@ -129,3 +129,16 @@ def test_metrics_count_inferences(server, served_images):
     for image in served_images[0][:5]:
         assert server.predict("fmnist", image)[0] == 200
     assert count() - before == 5
+
+
+def test_client_prints_top_classes_and_reports_errors(server, served_images, tmp_path):
+    from helpers import run_cli
+
+    good, bad = tmp_path / "good.png", tmp_path / "bad.png"
+    good.write_bytes(served_images[0][0])
+    bad.write_bytes(b"not a picture")
+    result = run_cli("client", "--url", server.inference, "--model", "fmnist", "--top", "2", str(good), str(bad))
+    assert result.returncode == 1  # one image failed
+    label = served_images[2][int(served_images[1][0].argmax())]
+    assert result.stdout.startswith(f"{good}: {label}  (") and result.stdout.count("%") == 2
+    assert f"{bad}: error 400: not an image" in result.stderr

@@ -187,3 +187,13 @@ def test_compiled_training_saves_the_bare_model(tmp_path):
     record = torch.load(tmp_path / "tiny" / "checkpoint.pt", weights_only=True)
     assert set(record["state_dict"]) == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}
     assert metrics["test_accuracy"] > 0.2
+
+
+def test_samples_are_test_images_named_by_class(tmp_path):
+    from PIL import Image
+
+    from training.samples import write_samples
+
+    paths = write_samples("mnist-5k", 3, tmp_path / "samples", tmp_path)
+    assert len(paths) == 3 and all(p.suffix == ".png" for p in paths)
+    assert Image.open(paths[0]).size == (28, 28) and paths[0].stem.split("-", 1)[1] in [str(d) for d in range(10)]

@@ -1,0 +1,48 @@
+"""Write a few test images of a data set as PNG files, to send to the endpoint:
+`python -m training.samples` (or `make samples`) -> samples/0-ankle-boot.png, ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+from training.data import load
+from training.errors import UserError
+
+
+def write_samples(dataset: str, count: int, out_dir: Path, data_dir: Path) -> list[Path]:
+    test = load(dataset, data_dir, 0.1, 0.1, 0, download=False)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index in range(min(count, len(test.test))):
+        pixels = test.test.images[index].permute(1, 2, 0).numpy()
+        label = test.class_names[int(test.test.labels[index])]
+        path = out_dir / f"{index}-{re.sub(r'[^a-z0-9]+', '-', label.lower()).strip('-')}.png"
+        Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels).save(path)
+        paths.append(path)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m training.samples", description=__doc__)
+    p.add_argument("--dataset", default="fashion-mnist")
+    p.add_argument("--count", type=int, default=5)
+    p.add_argument("--out", type=Path, default=Path("samples"))
+    p.add_argument("--data-dir", type=Path, default=Path("data"))
+    args = p.parse_args(argv)
+    try:
+        for path in write_samples(args.dataset, args.count, args.out, args.data_dir):
+            print(path)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
