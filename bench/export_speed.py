@@ -25,8 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from export.checkpoint import load_trained  # noqa: E402
 from export.parity import onnxruntime_runner  # noqa: E402
-from training.data import load  # noqa: E402
-from training.loop import normalize, per_channel  # noqa: E402
+from export.run import test_images  # noqa: E402
 
 
 def runners(out_dir: Path) -> dict:
@@ -63,9 +62,7 @@ def main() -> int:
     if not (out_dir / "model.onnx").is_file():
         raise SystemExit(f"error: run `make train export NAME={args.name}` first")
     spec = json.loads((out_dir / "spec.json").read_text())
-    run_config = json.loads((out_dir / "train_config.json").read_text())
-    test = load(run_config["dataset"], ROOT / "data", 0.1, 0.1, 0, download=False).test
-    images = normalize(test.images[:64], per_channel(spec["mean"]), per_channel(spec["std"])).numpy()
+    images, _ = test_images(out_dir, spec)  # the run's own first 64 test images, normalized
     formats = runners(out_dir)
     for run in formats.values():  # warm-up: first calls allocate and optimize
         for batch in (images[:1], images):

@@ -116,8 +116,7 @@ def main() -> int:
                      f"{result['test_accuracy']:.2%} (target >= 92.0 %), training {result['train_seconds']:.0f} s "
                      f"(target <= 240 s), whole command {result['wall_seconds']:.0f} s")
     data = datasets.load("fashion-mnist", ROOT / "data", 0.1, 0.1, 0, download=False)
-    mean, std = datasets.channel_stats(data.train, data.shape,
-                                       batches(data.train, 4096, torch.device("cpu"), None, data.shape))
+    mean, std = datasets.channel_stats(batches(data.train, 4096, torch.device("cpu"), None, data.shape), 1)
     seed = seed_style_images_per_second(data, mean, std, args.seconds, 30000)
     kit, how = kit_images_per_second(data, mean, std)
     lines += [

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from handlers.pipeline import softmax  # the probabilities the served model answers with
+
 BATCH_SIZES = (1, 2, 7, 64)
 Runner = Callable[[np.ndarray], np.ndarray]  # float32 (N, C, H, W) -> logits (N, classes)
 
@@ -49,11 +51,6 @@ def onnxruntime_runner(path: Path) -> Runner:
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return lambda batch: session.run(None, {session.get_inputs()[0].name: batch})[0]
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits.astype(np.float64) - logits.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)
 
 
 def compare(reference: np.ndarray, candidate: np.ndarray, tolerances: Tolerances) -> dict:

@@ -19,7 +19,7 @@ from export.archive import ServingConfig, build_archive, ensure_writable
 from export.checkpoint import load_trained
 from training import data as datasets
 from training.checkpoint import write_json_atomic
-from training.config import NAME_PATTERN
+from training.config import check_name
 from training.errors import UserError
 from training.loop import batches, normalize, per_channel
 
@@ -37,16 +37,15 @@ class ExportConfig:
     serving: ServingConfig = field(default_factory=ServingConfig)
 
     def __post_init__(self):
-        if not NAME_PATTERN.match(self.name):
-            raise UserError(f"--name {self.name!r}: use letters, digits, '.', '_' or '-' (at most 64)")
+        check_name(self.name)
         s = self.serving
         if min(s.workers, s.batch_size, s.response_timeout_s, s.max_pixels) < 1 or s.max_batch_delay_ms < 0:
             raise UserError("--workers, --batch-size, --response-timeout and --max-pixels must be positive, "
                             "--max-batch-delay not negative")
 
 
-def test_images(out_dir: Path, spec: dict):
-    """(first 64 normalized test images, a function yielding the whole test split in batches)."""
+def load_run_data(out_dir: Path) -> tuple[datasets.Data, dict]:
+    """The data set exactly as the training run split it (train_config.json), and that config."""
     config_path = out_dir / "train_config.json"
     if not config_path.is_file():
         raise UserError(f"{config_path} is missing: the parity gate needs the run's test split; train again")
@@ -56,6 +55,12 @@ def test_images(out_dir: Path, spec: dict):
                              run["seed"], run["image_size"], run["max_memory_mb"], run["workers"], download=False)
     except UserError as error:
         raise UserError(f"the parity gate needs the test images of {run['dataset']}: {error}") from None
+    return data, run
+
+
+def test_images(out_dir: Path, spec: dict):
+    """(first 64 normalized test images, a function yielding the whole test split in batches)."""
+    data, run = load_run_data(out_dir)
     mean, std = per_channel(spec["mean"]), per_channel(spec["std"])
     shape = tuple(data.shape)
 

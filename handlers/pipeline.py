@@ -138,11 +138,15 @@ def preprocess(image_bytes: bytes, classifier: Classifier) -> np.ndarray:
     return normalize(pixels, classifier.mean, classifier.std)
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64, shifted by the row maximum so no exp overflows."""
+    exponentials = np.exp(logits.astype(np.float64) - logits.max(axis=1, keepdims=True))
+    return exponentials / exponentials.sum(axis=1, keepdims=True)
+
+
 def postprocess(logits: np.ndarray, class_names: list[str]) -> list[dict]:
     """Logits (N, classes) -> one {"label", "index", "probabilities"} per image, classes in order."""
-    shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
-    probabilities = np.exp(shifted)
-    probabilities /= probabilities.sum(axis=1, keepdims=True)
+    probabilities = softmax(logits)
     results = []
     for row in probabilities:
         index = int(row.argmax())

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from training.data import BUILTIN
 from training.errors import UserError
-from training.models import ARCHITECTURES, DEFAULT_ARCH
+from training.models import DEFAULT_ARCH, architecture
 
 AUGMENTATIONS = ("none", "flip", "crop", "crop+flip")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # also a TorchServe model name
@@ -50,13 +50,11 @@ class TrainConfig:
     def __post_init__(self):
         for f in dataclasses.fields(self):
             check_type(f.name, getattr(self, f.name), f.type)
-        if not NAME_PATTERN.match(self.name):
-            raise UserError(f"--name {self.name!r}: use letters, digits, '.', '_' or '-' (at most 64)")
+        check_name(self.name)
         if self.dataset not in BUILTIN and not self.dataset.startswith("folder:"):
             raise UserError(f"unknown data set {self.dataset!r}: choose one of {', '.join(BUILTIN)} "
                             "or folder:PATH")
-        if self.model not in ARCHITECTURES:
-            raise UserError(f"unknown model {self.model!r}: choose one of {', '.join(ARCHITECTURES)}")
+        architecture(self.model)
         choices = {"optimizer": ("sgd", "adamw"), "schedule": ("onecycle", "cosine"),
                    "precision": ("auto", "bf16", "fp32"), "augment": AUGMENTATIONS}
         for option, allowed in choices.items():
@@ -96,6 +94,12 @@ class TrainConfig:
         if unknown:
             raise UserError(f"unknown training option(s): {', '.join(unknown)}")
         return cls(**options)
+
+
+def check_name(name: str) -> None:
+    """A model name is a folder name, an archive name and a TorchServe model name at once."""
+    if not NAME_PATTERN.match(name):
+        raise UserError(f"--name {name!r}: use letters, digits, '.', '_' or '-' (at most 64)")
 
 
 TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "Path": (Path,)}

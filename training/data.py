@@ -361,9 +361,8 @@ def decode_all_check(files, labels, shape, workers) -> None:
         decode_all(files[start:start + 4096], labels[start:start + 4096], shape, workers)
 
 
-def channel_stats(split: Split, shape, batches) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of the training split's pixels scaled to [0, 1]."""
-    channels = shape[0]
+def channel_stats(batches, channels: int) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of the batches' uint8 pixels scaled to [0, 1]."""
     total = torch.zeros(channels, dtype=torch.float64)
     squares = torch.zeros(channels, dtype=torch.float64)
     count = 0

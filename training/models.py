@@ -93,21 +93,25 @@ ARCHITECTURES = {
 DEFAULT_ARCH = "cnn"
 
 
+def architecture(arch: str):
+    """The registry's constructor for `arch`; an unknown name is a UserError listing the choices."""
+    if arch not in ARCHITECTURES:
+        raise UserError(f"unknown model {arch!r}: choose one of {', '.join(ARCHITECTURES)}")
+    return ARCHITECTURES[arch]
+
+
 def full_arguments(arch: str, **given) -> dict:
     """`given` plus every default of the architecture: what the spec stores, so a later change of
     a default cannot silently change how an old checkpoint is rebuilt."""
-    if arch not in ARCHITECTURES:
-        raise UserError(f"unknown model {arch!r}: choose one of {', '.join(ARCHITECTURES)}")
-    bound = inspect.signature(ARCHITECTURES[arch]).bind(**given)
+    bound = inspect.signature(architecture(arch)).bind(**given)
     bound.apply_defaults()
     return {k: list(v) if isinstance(v, tuple) else v for k, v in bound.arguments.items()}
 
 
 def build(arch: str, **arch_args) -> nn.Module:
     """A fresh model of the named architecture (arguments as stored in the spec)."""
-    if arch not in ARCHITECTURES:
-        raise UserError(f"unknown model {arch!r}: choose one of {', '.join(ARCHITECTURES)}")
+    constructor = architecture(arch)
     height, width = arch_args["height"], arch_args["width"]
     if arch in ("simple-cnn", "cnn") and min(height, width) < 8:
         raise UserError(f"model {arch} needs images of at least 8x8 pixels, not {width}x{height}")
-    return ARCHITECTURES[arch](**arch_args)
+    return constructor(**arch_args)

@@ -165,8 +165,8 @@ def train(config: TrainConfig) -> dict:
         mean, std = loop["mean"], loop["std"]
         print(f"resuming {config.resume} after epoch {loop['epoch']}")
     else:
-        mean, std = datasets.channel_stats(data.train, data.shape, batches(
-            data.train, 1024, device, None, data.shape, config.workers))
+        mean, std = datasets.channel_stats(
+            batches(data.train, 1024, device, None, data.shape, config.workers), data.shape[0])
     mean_t, std_t = per_channel(mean, device), per_channel(std, device)
     trainable = torch.compile(model) if config.compile else model
     precision = "bf16 autocast" if autocast_dtype else "fp32"
