@@ -37,7 +37,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import harness  # noqa: E402
 
 from export.archive import ARCHIVER  # noqa: E402
+from export.run import load_run_data  # noqa: E402
 from training.checkpoint import load_torch_file  # noqa: E402
+from training.loop import normalize, per_channel  # noqa: E402
 from training.models import ARCHITECTURES, conv_bn  # noqa: E402
 
 CONCURRENCY = (1, 8, 32)
@@ -83,7 +85,7 @@ def parse_duration_ms(text: str) -> float:
     return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}[unit]
 
 
-def wrk(url: str, concurrency: int, seconds: float, body: Path | None, script: Path) -> dict:
+def wrk(url: str, concurrency: int, seconds: int, body: Path | None, script: Path) -> dict:
     command = ["wrk", f"-t{min(2, concurrency)}", f"-c{concurrency}", f"-d{seconds}s", "--latency", "--timeout", "10s"]
     if body is not None:
         command += ["-s", str(script)]
@@ -122,7 +124,7 @@ def in_process_onnxruntime(model_file: Path, image: np.ndarray, batch_size: int,
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--name", default="fashion-mnist")
-    p.add_argument("--seconds", type=float, default=6, help="duration of each wrk run (%(default)s)")
+    p.add_argument("--seconds", type=int, default=6, help="duration of each wrk run, whole seconds (%(default)s)")
     args = p.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("error: wrk is not installed: apt-get install wrk (make bench-serve does this)")
@@ -133,13 +135,9 @@ def main() -> int:
 
     spec = json.loads((out_dir / "spec.json").read_text())
     image_path = Path(tempfile.mkdtemp()) / "test-image.png"
-    from training.data import load
-
-    test = load(json.loads((out_dir / "train_config.json").read_text())["dataset"], ROOT / "data", 0.1, 0.1, 0,
-                download=False).test
+    test = load_run_data(out_dir)[0].test  # the run's own test split
     Image.fromarray(test.images[0].permute(1, 2, 0).squeeze(-1).numpy()).save(image_path)
-    normalized = ((test.images[0].float() / 255 - torch.tensor(spec["mean"]).view(-1, 1, 1))
-                  / torch.tensor(spec["std"]).view(-1, 1, 1)).numpy()
+    normalized = normalize(test.images[:1], per_channel(spec["mean"]), per_channel(spec["std"]))[0].numpy()
 
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
