@@ -91,7 +91,7 @@ test: venv java
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: venv
-	$(PY) -m ruff check training export handlers client tests bench
+	$(PY) -m ruff check training export handlers client tests bench docker
 
 docker-offline: venv
 	bash docker/prepare-offline.sh

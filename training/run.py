@@ -118,6 +118,22 @@ def train_epoch(trainable, optimizer, scheduler, data, config, mean, std, genera
     return loss_sum.item() / seen, correct.item() / seen, seen, time.perf_counter() - started
 
 
+def device_rng_state(device: torch.device) -> torch.Tensor | None:
+    """An accelerator's own generator (dropout draws from it there): saved so a resume is exact."""
+    if device.type == "cuda":
+        return torch.cuda.get_rng_state(device)
+    if device.type == "mps":
+        return torch.mps.get_rng_state()
+    return None
+
+
+def set_device_rng_state(device: torch.device, state: torch.Tensor | None) -> None:
+    if state is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    elif state is not None and device.type == "mps":
+        torch.mps.set_rng_state(state)
+
+
 def restore(config: TrainConfig, model, optimizer, scheduler, generator) -> dict:
     """Loads last.pt into the run's objects; returns the loop's bookkeeping (epoch, history, best)."""
     what_to_do = "point --resume at a last.pt of this kit, or train without --resume"
@@ -137,6 +153,7 @@ def restore(config: TrainConfig, model, optimizer, scheduler, generator) -> dict
                         f"{what_to_do}") from None
     generator.set_state(state["generator"])
     torch.set_rng_state(state["cpu_rng"])
+    set_device_rng_state(generator.device, state.get("device_rng"))
     return {key: state[key] for key in ("epoch", "history", "best_state", "best_epoch", "best_val_accuracy",
                                         "mean", "std", "images_seen", "train_step_seconds",
                                         "train_loop_seconds")}
@@ -196,7 +213,7 @@ def train(config: TrainConfig) -> dict:
             "format": TRAINING_STATE_FORMAT, "config": config.to_json(), **loop, "mean": mean, "std": std,
             "model": weights, "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
-            "cpu_rng": torch.get_rng_state()}))
+            "cpu_rng": torch.get_rng_state(), "device_rng": device_rng_state(device)}))
         print(f"epoch {epoch:3d}/{config.epochs}  train loss {train_loss:.4f} acc {train_accuracy:.4f}  "
               f"val loss {val_loss:.4f} acc {val_accuracy:.4f}{' *' if improved else ''}  "
               f"{seen / seconds:7.0f} img/s  {time.perf_counter() - started:5.1f}s", flush=True)

@@ -76,23 +76,26 @@ def container_health(env: dict) -> tuple[str, str, str]:
     return state["Status"], state.get("Health", {}).get("Status", ""), container
 
 
-def wait_until_answering(url: str, env: dict, timeout: float = 120) -> float:
-    """Seconds until the container is healthy and a prediction succeeds."""
+def wait_until_answering(url: str, env: dict, probe: bytes, timeout: float = 120) -> float:
+    """Seconds until the container is healthy. From that moment every model must answer at once:
+    the health check (docker/healthcheck.py) waits for READY workers, not just for /ping."""
     started = time.monotonic()
     while time.monotonic() - started < timeout:
         status, health, _ = container_health(env)
         if status == "running" and health == "healthy":
             try:
-                if harness.http("GET", f"{url}/ping", timeout=3)[0] == 200:
-                    return time.monotonic() - started
-            except OSError:
-                pass
+                answers = {model: harness.predict(url, model, probe, "image/png")[0] for model in MODELS}
+            except OSError:  # a container that is being restarted can still show its old health
+                answers = None
+            if answers is not None:
+                assert set(answers.values()) == {200}, f"healthy, yet the models answered {answers}"
+                return time.monotonic() - started
         time.sleep(0.5)
     raise TimeoutError(compose("logs", "--tail", "80", env=env, check=False).stdout)
 
 
 @pytest.fixture(scope="module")
-def stack(engine, exported):
+def stack(engine, exported, served_images):
     """The compose stack built and up, serving the session's archives on free host ports."""
     _, model_store = exported
     store = Path(tempfile.mkdtemp(prefix="kit-e2e-store-"))  # world-readable: the container user is not root
@@ -110,7 +113,7 @@ def stack(engine, exported):
         up_started = time.monotonic()
         compose("up", "-d", env=env)
         url = f"http://127.0.0.1:{inference_port}"
-        wait_until_answering(url, env)
+        wait_until_answering(url, env, served_images[0][0])
         seconds_to_healthy = time.monotonic() - up_started
         image = json.loads(run("docker", "image", "inspect", "image-classifier-serving:cpu").stdout)[0]
         print(f"\nimage build {build_seconds:.0f} s, size {image['Size'] / 1e9:.2f} GB; "
@@ -121,21 +124,11 @@ def stack(engine, exported):
         shutil.rmtree(store, ignore_errors=True)
 
 
-def predict_when_ready(url: str, model: str, body: bytes, timeout: float = 60):
-    """Workers may still be loading right after /ping turns healthy: retry 503s for a while."""
-    deadline = time.monotonic() + timeout
-    while True:
-        answer = harness.predict(url, model, body, "image/png")
-        if answer[0] != 503 or time.monotonic() > deadline:
-            return answer
-        time.sleep(0.5)
-
-
 @pytest.mark.parametrize("model", MODELS)
 def test_container_predictions_match_in_process_eager(stack, served_images, model):
     pngs, probabilities, class_names = served_images
     for image, expected in zip(pngs[:12], probabilities):
-        status, body, _ = predict_when_ready(stack["url"], model, image)
+        status, body, _ = harness.predict(stack["url"], model, image, "image/png")
         assert status == 200, body
         assert_matches_eager(body, expected, class_names)
 
@@ -143,7 +136,6 @@ def test_container_predictions_match_in_process_eager(stack, served_images, mode
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
 def test_container_answers_bad_input_with_4xx(stack, served_images, case):
     payload, content_type, expected_status, fragment = BAD_INPUTS[case]
-    predict_when_ready(stack["url"], "fmnist", served_images[0][0])
     status, body, _ = harness.predict(stack["url"], "fmnist", payload, content_type)
     assert status == expected_status and fragment in body["error"], body
 
@@ -168,7 +160,7 @@ def test_runs_as_non_root_and_management_is_not_published(stack):
 
 
 def test_metrics_port_is_published(stack, served_images):
-    predict_when_ready(stack["url"], "fmnist", served_images[0][0])
+    assert harness.predict(stack["url"], "fmnist", served_images[0][0], "image/png")[0] == 200
     status, body, _ = harness.http("GET", f"{stack['metrics']}/metrics")
     assert status == 200 and b"ts_inference_requests_total" in body
 
@@ -181,10 +173,10 @@ def test_service_recovers_after_torchserve_is_killed(stack, served_images):
     assert len(java) == 1
     os.kill(java[0], signal.SIGKILL)  # the TorchServe frontend inside the container
     time.sleep(2)
-    wait_until_answering(stack["url"], env)
+    wait_until_answering(stack["url"], env, served_images[0][0])
     restarts = json.loads(run("docker", "inspect", container).stdout)[0]["RestartCount"]
     assert restarts >= 1
     pngs, probabilities, class_names = served_images
-    status, body, _ = predict_when_ready(stack["url"], "fmnist", pngs[0])
+    status, body, _ = harness.predict(stack["url"], "fmnist", pngs[0], "image/png")
     assert status == 200
     assert_matches_eager(body, probabilities[0], class_names)
