@@ -6,10 +6,10 @@
    (simple-cnn), data and device, and their ratio (target >= 8x). The seed-style loop is the
    seeds' way: a data set of PIL images -> DataLoader(batch 64, shuffle) -> ToTensor + Normalize
    per sample -> SGD. Each loop runs in its own process, as a user runs it (neither inherits the
-   other's allocator or thread-pool state); they take turns in
-   alternating rounds and the medians are printed, because this machine's speed drifts. The
-   seed-style loop's model step is also timed alone, which shows how much of the ratio its data
-   pipeline explains and how much must come from the kit's step.
+   other's allocator or thread-pool state); they take turns in alternating rounds and the medians
+   are printed, because this machine's speed drifts. The seed-style loop's model step is also
+   timed alone, which shows how much of the ratio its data pipeline explains and how much must
+   come from the kit's step.
 
 Run: make bench-train   (about 6 minutes on a 2-core CPU; --skip-default for part 2 only)
 """
