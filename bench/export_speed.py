@@ -14,7 +14,6 @@ import json
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,26 +22,17 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from export import parity  # noqa: E402
 from export.checkpoint import load_trained  # noqa: E402
-from export.parity import onnxruntime_runner  # noqa: E402
 from export.run import test_images  # noqa: E402
 
 
 def runners(out_dir: Path) -> dict:
+    """The parity gate's runners: each format loaded back from its file."""
     model, _ = load_trained(out_dir)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        script = torch.jit.load(str(out_dir / "model.torchscript.pt")).eval()
-
-    def eager(batch):
-        with torch.inference_mode():
-            return model(torch.from_numpy(batch)).numpy()
-
-    def torchscript(batch):
-        with torch.inference_mode():
-            return script(torch.from_numpy(batch)).numpy()
-
-    return {"eager": eager, "torchscript": torchscript, "onnxruntime": onnxruntime_runner(out_dir / "model.onnx")}
+    return {"eager": parity.eager_runner(model),
+            "torchscript": parity.torchscript_runner(out_dir / "model.torchscript.pt"),
+            "onnxruntime": parity.onnxruntime_runner(out_dir / "model.onnx")}
 
 
 def time_calls(run, batch: np.ndarray, calls: int) -> float:

@@ -37,10 +37,11 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import harness  # noqa: E402
 
 from export.archive import ARCHIVER  # noqa: E402
+from export.parity import onnxruntime_runner  # noqa: E402
 from export.run import load_run_data  # noqa: E402
-from training.checkpoint import load_torch_file  # noqa: E402
+from training.checkpoint import CHECKPOINT_FORMAT, load_torch_file  # noqa: E402
 from training.loop import normalize, per_channel  # noqa: E402
-from training.models import ARCHITECTURES, conv_bn  # noqa: E402
+from training.models import architecture, conv_bn  # noqa: E402
 
 CONCURRENCY = (1, 8, 32)
 LUA = """
@@ -52,7 +53,7 @@ wrk.method = "POST"; wrk.headers["Content-Type"] = "image/png"
 def baseline_archive(out_dir: Path, store: Path, name: str) -> None:
     """Packs the trained model as TorchServe's MNIST example would: model file + state_dict."""
     spec = json.loads((out_dir / "spec.json").read_text())
-    model_class = ARCHITECTURES[spec["arch"]]
+    model_class = architecture(spec["arch"])
     if not inspect.isclass(model_class):
         raise SystemExit(f"the baseline handler serves class-based models (mlp, simple-cnn, cnn), not {spec['arch']}")
     defaults = tuple(tuple(v) if isinstance(v, list) else v
@@ -63,7 +64,7 @@ def baseline_archive(out_dir: Path, store: Path, name: str) -> None:
         source += inspect.getsource(model_class) + "\n\n# BaseHandler builds the class without arguments.\n"
         source += f"{model_class.__name__}.__init__.__defaults__ = {defaults!r}\n"
         (scratch / "model.py").write_text(source)
-        state = load_torch_file(out_dir / "checkpoint.pt", "image-classifier-checkpoint/1", "train again")
+        state = load_torch_file(out_dir / "checkpoint.pt", CHECKPOINT_FORMAT, "train again")
         torch.save(state["state_dict"], scratch / "state_dict.pt")
         (scratch / "model-config.yaml").write_text(yaml.safe_dump(
             {"minWorkers": 2, "maxWorkers": 2, "batchSize": 1, "maxBatchDelay": 0, "responseTimeout": 30}))
@@ -107,16 +108,13 @@ def wrk(url: str, concurrency: int, seconds: int, body: Path | None, script: Pat
 
 def in_process_onnxruntime(model_file: Path, image: np.ndarray, batch_size: int, seconds: float = 5) -> float:
     """Images/s of ONNX Runtime on all cores at the served batch size: the ceiling for serving."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
+    run = onnxruntime_runner(model_file)
     batch = np.repeat(image[None], batch_size, axis=0)
-    name = session.get_inputs()[0].name
     for _ in range(20):
-        session.run(None, {name: batch})
+        run(batch)
     count, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
-        session.run(None, {name: batch})
+        run(batch)
         count += batch_size
     return count / (time.perf_counter() - started)
 

@@ -29,6 +29,7 @@ class Tolerances:
 
 
 def eager_runner(model: torch.nn.Module) -> Runner:
+    """Any torch module on the CPU (the eager model, or a loaded TorchScript module)."""
     def run(batch: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             return model(torch.from_numpy(batch)).numpy()
@@ -38,12 +39,7 @@ def eager_runner(model: torch.nn.Module) -> Runner:
 def torchscript_runner(path: Path) -> Runner:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated upstream, still supported
-        module = torch.jit.load(str(path), map_location="cpu").eval()
-
-    def run(batch: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return module(torch.from_numpy(batch)).numpy()
-    return run
+        return eager_runner(torch.jit.load(str(path), map_location="cpu").eval())
 
 
 def onnxruntime_runner(path: Path) -> Runner:

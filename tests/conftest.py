@@ -50,12 +50,12 @@ def served_images(exported):
     from served import png
 
     from export.checkpoint import load_trained
-    from training.data import load
+    from export.run import load_run_data
     from training.loop import normalize, per_channel
 
     out_dir, _ = exported
     model, spec = load_trained(out_dir)
-    test = load("fashion-mnist", out_dir, 0.1, 0.1, 0, download=False).test
+    test = load_run_data(out_dir)[0].test  # the run's own test split
     images = test.images[:24]
     inputs = normalize(images, per_channel(spec["mean"]), per_channel(spec["std"]))
     with torch.no_grad():

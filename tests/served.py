@@ -32,7 +32,6 @@ def assert_matches_eager(body: dict, expected: np.ndarray, class_names: list[str
     assert np.abs(served - expected).max() <= 1e-4
 
 
-
 BAD_INPUTS = {
     "empty body": (b"", "application/octet-stream", 400, "empty"),
     "not an image": (b"%PDF-1.4 definitely not a picture", "application/octet-stream", 400, "not an image"),

@@ -16,12 +16,12 @@ from training.errors import UserError
 
 
 def write_samples(dataset: str, count: int, out_dir: Path, data_dir: Path) -> list[Path]:
-    test = load(dataset, data_dir, 0.1, 0.1, 0, download=False)
+    data = load(dataset, data_dir, 0.1, 0.1, 0, download=False)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for index in range(min(count, len(test.test))):
-        pixels = test.test.images[index].permute(1, 2, 0).numpy()
-        label = test.class_names[int(test.test.labels[index])]
+    for index in range(min(count, len(data.test))):
+        pixels = data.test.images[index].permute(1, 2, 0).numpy()
+        label = data.class_names[int(data.test.labels[index])]
         path = out_dir / f"{index}-{re.sub(r'[^a-z0-9]+', '-', label.lower()).strip('-')}.png"
         Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels).save(path)
         paths.append(path)
