@@ -1,6 +1,7 @@
 # The kit's commands. A fresh clone needs only these: each target creates what it needs.
 #   make train                 train the default model (Fashion-MNIST, CNN) into artifacts/fashion-mnist/
 #   make train DATASET=mnist-5k MODEL=simple-cnn NAME=digits EPOCHS=5
+#   make train MODEL=examples/my_net.py:MyNet MODEL_ARGS='{"base_width": 48}' NAME=my-net   your own model
 #   make export                TorchScript + ONNX, parity gate, archives in model_store/ (NAME=...)
 #   make serve                 TorchServe on 127.0.0.1:8080 in the foreground (Ctrl-C stops it)
 #   make samples               a few test images as PNG files in samples/, to send to the server
@@ -14,7 +15,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 DATASET ?= fashion-mnist
-MODEL ?= cnn
+MODEL ?=
+MODEL_ARGS ?=
 NAME ?= fashion-mnist
 TRAIN_ARGS ?=
 EPOCHS ?=
@@ -63,7 +65,8 @@ java:
 	fi
 
 train: venv data
-	$(PY) -m training --dataset $(DATASET) --model $(MODEL) --name $(NAME) $(if $(EPOCHS),--epochs $(EPOCHS)) $(TRAIN_ARGS)
+	$(PY) -m training --dataset $(DATASET) --name $(NAME) $(if $(MODEL),--model $(MODEL)) \
+	  $(if $(MODEL_ARGS),--model-args '$(MODEL_ARGS)') $(if $(EPOCHS),--epochs $(EPOCHS)) $(TRAIN_ARGS)
 
 export: venv
 	$(PY) -m export --name $(NAME) $(EXPORT_ARGS)

@@ -4,12 +4,17 @@ Examples:
   python -m training                                   # Fashion-MNIST, default CNN, name fashion-mnist
   python -m training --dataset mnist-5k --model simple-cnn --name digits
   python -m training --dataset folder:~/pictures/pets --model resnet18 --name pets --augment crop+flip
+  python -m training --model examples/my_net.py:MyNet --model-args '{"base_width": 48}' --name mine
+  python -m training --dataset mnist-5k --name digits --init-from artifacts/fashion-mnist/checkpoint.pt \
+      --freeze features.0,features.1                   # fine-tune: start from weights, train the rest
+  python -m training --model examples/my_net.py:MyNet --summary   # layers, shapes, parameters; no training
   python -m training --resume artifacts/fashion-mnist/last.pt   # continue an interrupted run
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -28,7 +33,23 @@ def parser() -> argparse.ArgumentParser:
     what.add_argument("--name", default=D.name, help="model name: artifacts/NAME/, model_store/NAME.mar (%(default)s)")
     what.add_argument("--dataset", default=D.dataset,
                       help=f"{', '.join(BUILTIN)} or folder:PATH (one subfolder per class) (%(default)s)")
-    what.add_argument("--model", default=D.model, help=f"{', '.join(ARCHITECTURES)} (%(default)s)")
+    what.add_argument("--model", default=None,
+                      help=f"{', '.join(ARCHITECTURES)}, or your own: path/to/file.py:ClassName or "
+                           "package.module:ClassName (a class or a function returning an nn.Module). Default: "
+                           "the --init-from checkpoint's model, else cnn")
+    what.add_argument("--model-args", default="{}", metavar="JSON",
+                      help="keyword arguments for the model, a JSON object; in_channels, num_classes, height "
+                           "and width come from the data set where the model takes them")
+    what.add_argument("--init-from", type=Path, default=None, metavar="PATH",
+                      help="start from these weights: a kit checkpoint.pt or a plain state_dict (.pt/.pth); "
+                           "tensors are matched by name and shape, the rest stays freshly initialized")
+    what.add_argument("--freeze", type=lambda text: tuple(p for p in text.split(",") if p), default=(),
+                      metavar="PREFIX[,PREFIX...]",
+                      help="do not train parameters whose names start with a prefix (their batch-norm "
+                           "statistics stay fixed too); --summary lists the names")
+    what.add_argument("--summary", action="store_true",
+                      help="print the model's layers, output shapes and parameter counts for this data set, "
+                           "then exit without training")
     what.add_argument("--image-size", type=int, default=D.image_size,
                       help="folder: only: train at SIZExSIZE (default: the images' own size when all "
                            "share one, else 64)")
@@ -75,12 +96,26 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def model_arguments(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise UserError(f"--model-args is not valid JSON ({error.msg} at character {error.pos}): "
+                        """write a JSON object, e.g. '{"base_width": 32}'""") from None
+    if not isinstance(value, dict):
+        raise UserError(f"--model-args must be a JSON object of keyword arguments, not {type(value).__name__}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     options = vars(parser().parse_args(argv))
+    summary_only = options.pop("summary")
     try:
-        from training.run import train  # heavy imports after --help
+        from training.run import summarize, train  # heavy imports after --help
 
-        train(TrainConfig.from_options(options))
+        options["model_args"] = model_arguments(options["model_args"])
+        config = TrainConfig.from_options(options)
+        summarize(config) if summary_only else train(config)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

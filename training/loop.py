@@ -109,9 +109,11 @@ def random_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tenso
 
 
 def make_optimizer(config, model: nn.Module) -> torch.optim.Optimizer:
-    # No weight decay on batch-norm weights and biases: it only fights the normalization.
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    # No weight decay on batch-norm weights and biases: it only fights the normalization. Frozen
+    # parameters (--freeze) are left out: weight decay and momentum would still move them.
+    trained = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trained if p.ndim > 1]
+    no_decay = [p for p in trained if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": config.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     if config.optimizer == "sgd":

@@ -1,8 +1,10 @@
 """One training run, start to finish: data -> model -> epochs -> best weights -> outputs.
 
 Writes into artifacts/<name>/: checkpoint.pt, spec.json, metrics.json, train_config.json,
-curves.png, confusion_matrix.png, and last.pt (the full training state after every epoch,
-for --resume). Every write is atomic; an interrupted run leaves the previous outputs intact.
+curves.png, confusion_matrix.png, model_source.py (a user model's source), and last.pt (the full
+training state after every epoch, for --resume). Every write is atomic; an interrupted run leaves
+the previous outputs intact, and a mistake found before training (a model that does not build or
+run, weights that do not fit) leaves artifacts/<name>/ untouched.
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ import datetime
 import importlib.metadata
 import platform
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
 from training import data as datasets
@@ -28,6 +32,7 @@ from training.checkpoint import (
 )
 from training.config import TrainConfig
 from training.errors import UserError
+from training.finetune import Parent, describe, freeze, hold_frozen_batch_norm, load_matching, read_parent
 from training.loop import (
     batches,
     evaluate,
@@ -41,19 +46,29 @@ from training.loop import (
     random_flip,
 )
 from training.metrics import confusion_matrix, per_class
-from training.models import build, full_arguments
+from training.model_origin import (
+    DATA_ARGUMENTS,
+    SOURCE_FILE,
+    Origin,
+    arguments,
+    check_forward,
+    construct,
+    rebuild,
+    resolve,
+)
+from training.models import DEFAULT_ARCH
 from training.plots import plot_confusion, plot_curves
 
 # Options that define what is trained: a resumed run must use the same ones as the saved state.
-RUN_DEFINING = ("dataset", "model", "epochs", "batch_size", "optimizer", "lr", "momentum", "nesterov",
-                "weight_decay", "schedule", "warmup_epochs", "label_smoothing", "augment",
+RUN_DEFINING = ("dataset", "model", "model_args", "init_from", "freeze", "epochs", "batch_size", "optimizer", "lr",
+                "momentum", "nesterov", "weight_decay", "schedule", "warmup_epochs", "label_smoothing", "augment",
                 "val_fraction", "test_fraction", "image_size", "train_limit", "seed")
 
 
-def prepare_data(config: TrainConfig, device: torch.device) -> datasets.Data:
+def prepare_data(config: TrainConfig, device: torch.device, quiet: bool = False) -> datasets.Data:
     data = datasets.load(config.dataset, config.data_dir, config.val_fraction, config.test_fraction,
                          config.seed, config.image_size, config.max_memory_mb, config.workers, config.download)
-    for note in data.notes:
+    for note in [] if quiet else data.notes:
         print(f"note: {note}")
     if config.train_limit is not None:
         data.train = data.train.subset(torch.arange(min(config.train_limit, len(data.train))))
@@ -64,13 +79,80 @@ def prepare_data(config: TrainConfig, device: torch.device) -> datasets.Data:
     return data
 
 
-def make_spec(config: TrainConfig, data: datasets.Data, arch_args: dict, mean, std) -> dict:
+@dataclass(frozen=True)
+class PreparedModel:
+    """A run's model before training, with where it came from and what it started from."""
+
+    model: nn.Module
+    origin: Origin
+    arch_args: dict
+    parent: Parent | None = None
+    init_report: dict | None = None
+
+
+def choose_origin(config: TrainConfig, parent: Parent | None) -> tuple[Origin, dict]:
+    """--model, else the --init-from checkpoint's model (with its own arguments), else the default."""
+    if config.model is not None:
+        return resolve(config.model), config.model_args
+    if parent is None:
+        return resolve(DEFAULT_ARCH), config.model_args
+    if parent.spec is None:
+        raise UserError(f"{parent.path} is a plain state_dict: it does not say which model it fits; give --model")
+    origin = rebuild(parent.spec, parent.model_source)
+    inherited = {k: v for k, v in parent.spec["arch_args"].items() if k not in DATA_ARGUMENTS}
+    return origin, {**inherited, **config.model_args}
+
+
+def prepare_model(config: TrainConfig, data: datasets.Data) -> PreparedModel:
+    """Builds the model, runs it once on real images, loads --init-from and applies --freeze:
+    every mistake here is a UserError raised before anything is written."""
+    parent = read_parent(config.init_from) if config.init_from is not None else None
+    origin, given = choose_origin(config, parent)
+    channels, height, width = data.shape
+    data_arguments = {"in_channels": channels, "num_classes": len(data.class_names), "height": height, "width": width}
+    arch_args = arguments(origin, data_arguments, given)
+    model = construct(origin, arch_args)
+    example, _ = next(batches(data.train, 2, torch.device("cpu"), None, data.shape, 0))
+    check_forward(model, origin, example.cpu().float() / 255, len(data.class_names))
+    init_report = load_matching(model, parent) if parent is not None else None
+    freeze(model, config.freeze)
+    return PreparedModel(model, origin, arch_args, parent, init_report)
+
+
+def parameter_counts(model: nn.Module) -> str:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return f"{total:,} parameters, {trainable:,} trainable"
+
+
+def summarize(config: TrainConfig) -> str:
+    """`python -m training --summary`: layers, output shapes and parameters for the data set's input."""
+    import torchinfo  # only this command needs it
+
+    data = prepare_data(config, torch.device("cpu"), quiet=True)
+    prepared = prepare_model(config, data)
+    if prepared.init_report is not None:
+        print(describe(prepared.init_report, config.init_from))
+    table = torchinfo.summary(prepared.model, input_size=(1, *data.shape), device="cpu", verbose=0, depth=4,
+                              col_names=("output_size", "num_params", "trainable"), row_settings=("var_names",))
+    counts: dict[str, int] = {}
+    for name, parameter in prepared.model.named_parameters():  # what --freeze prefixes can name
+        counts[name.split(".")[0]] = counts.get(name.split(".")[0], 0) + parameter.numel()
+    prefixes = ", ".join(f"{prefix} ({count:,})" for prefix, count in counts.items())
+    text = (f"{prepared.origin.reference} on {config.dataset} ({'x'.join(map(str, data.shape))} input, "
+            f"{len(data.class_names)} classes)\n{table}\nparameter names start with (for --freeze): {prefixes}")
+    print(text)
+    return text
+
+
+def make_spec(config: TrainConfig, data: datasets.Data, prepared: PreparedModel, mean, std) -> dict:
     channels, height, width = data.shape
     return {
         "format": "image-classifier-spec/1",
         "name": config.name,
-        "arch": config.model,
-        "arch_args": arch_args,
+        "arch": prepared.origin.reference,
+        "arch_args": prepared.arch_args,
+        "model": prepared.origin.record(),
         "num_classes": len(data.class_names),
         "class_names": data.class_names,
         "input": {"channels": channels, "height": height, "width": width, "resize": "bilinear",
@@ -78,6 +160,8 @@ def make_spec(config: TrainConfig, data: datasets.Data, arch_args: dict, mean, s
         "mean": mean,
         "std": std,
         "dataset": config.dataset,
+        "init_from": prepared.parent.record() if prepared.parent else None,
+        "frozen": list(config.freeze),
         "torch_version": str(torch.__version__),
         "torchvision_version": importlib.metadata.version("torchvision"),
         "python_version": platform.python_version(),
@@ -89,6 +173,7 @@ def train_epoch(trainable, optimizer, scheduler, data, config, mean, std, genera
                 autocast_dtype, epoch: int) -> tuple[float, float, int, float]:
     """One pass over the training split: (mean loss, accuracy, images, seconds)."""
     trainable.train()
+    hold_frozen_batch_norm(trainable, config.freeze)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.int64)
     seen, started = 0, time.perf_counter()
@@ -134,16 +219,19 @@ def set_device_rng_state(device: torch.device, state: torch.Tensor | None) -> No
         torch.mps.set_rng_state(state)
 
 
-def restore(config: TrainConfig, model, optimizer, scheduler, generator) -> dict:
+def restore(config: TrainConfig, origin: Origin, model, optimizer, scheduler, generator) -> dict:
     """Loads last.pt into the run's objects; returns the loop's bookkeeping (epoch, history, best)."""
     what_to_do = "point --resume at a last.pt of this kit, or train without --resume"
     state = load_torch_file(config.resume, TRAINING_STATE_FORMAT, what_to_do)
-    saved = state["config"]
+    saved, defaults = state["config"], TrainConfig().to_json()
     for option in RUN_DEFINING:
-        now = config.to_json()[option]
-        if saved.get(option) != now:
+        now, then = config.to_json()[option], saved.get(option, defaults[option])
+        if then != now:
             raise UserError(f"{config.resume} was trained with --{option.replace('_', '-')} "
-                            f"{saved.get(option)!r}, this run has {now!r}: resume with the same options")
+                            f"{then!r}, this run has {now!r}: resume with the same options")
+    if state.get("source_sha256") != origin.source_sha256:
+        raise UserError(f"the source of {origin.reference} changed since {config.resume} was written: restore it, "
+                        "or train without --resume")
     try:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -167,9 +255,8 @@ def train(config: TrainConfig) -> dict:
     torch.manual_seed(config.seed)
     data = prepare_data(config, device)
     channels, height, width = data.shape
-    arch_args = full_arguments(config.model, in_channels=channels, height=height, width=width,
-                               num_classes=len(data.class_names))
-    model = build(config.model, **arch_args).to(device, memory_format=torch.channels_last)
+    prepared = prepare_model(config, data)
+    model = prepared.model.to(device, memory_format=torch.channels_last)
     optimizer = make_optimizer(config, model)
     # batches() drops a last batch of one image (batch norm cannot train on it): count as it does
     steps_per_epoch = max(1, len(data.train) // config.batch_size + (len(data.train) % config.batch_size > 1))
@@ -177,8 +264,11 @@ def train(config: TrainConfig) -> dict:
     generator = torch.Generator(device=device).manual_seed(config.seed)
     loop = {"epoch": 0, "history": [], "best_state": None, "best_epoch": 0, "best_val_accuracy": -1.0,
             "images_seen": 0, "train_step_seconds": 0.0, "train_loop_seconds": 0.0}
+    print(f"model {prepared.origin.reference}: {parameter_counts(model)}")
+    if prepared.init_report is not None:
+        print(describe(prepared.init_report, config.init_from))
     if config.resume is not None:
-        loop = restore(config, model, optimizer, scheduler, generator)
+        loop = restore(config, prepared.origin, model, optimizer, scheduler, generator)
         mean, std = loop["mean"], loop["std"]
         print(f"resuming {config.resume} after epoch {loop['epoch']}")
     else:
@@ -187,8 +277,8 @@ def train(config: TrainConfig) -> dict:
     mean_t, std_t = per_channel(mean, device), per_channel(std, device)
     trainable = torch.compile(model) if config.compile else model
     precision = "bf16 autocast" if autocast_dtype else "fp32"
-    print(f"training {config.model} on {config.dataset} ({len(data.train)} train / {len(data.val)} val / "
-          f"{len(data.test)} test images, {channels}x{height}x{width}, {len(data.class_names)} classes) "
+    print(f"training {prepared.origin.reference} on {config.dataset} ({len(data.train)} train / {len(data.val)} val"
+          f" / {len(data.test)} test images, {channels}x{height}x{width}, {len(data.class_names)} classes) "
           f"on {device} in {precision}")
 
     out_dir = config.out_dir
@@ -213,7 +303,8 @@ def train(config: TrainConfig) -> dict:
             "format": TRAINING_STATE_FORMAT, "config": config.to_json(), **loop, "mean": mean, "std": std,
             "model": weights, "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
-            "cpu_rng": torch.get_rng_state(), "device_rng": device_rng_state(device)}))
+            "cpu_rng": torch.get_rng_state(), "device_rng": device_rng_state(device),
+            "source_sha256": prepared.origin.source_sha256}))
         print(f"epoch {epoch:3d}/{config.epochs}  train loss {train_loss:.4f} acc {train_accuracy:.4f}  "
               f"val loss {val_loss:.4f} acc {val_accuracy:.4f}{' *' if improved else ''}  "
               f"{seen / seconds:7.0f} img/s  {time.perf_counter() - started:5.1f}s", flush=True)
@@ -225,7 +316,12 @@ def train(config: TrainConfig) -> dict:
     test_loss, test_accuracy, predictions = evaluate(model, data.test, mean_t, std_t, device, data.shape,
                                                      config.workers)
     matrix = confusion_matrix(data.test.labels, predictions, len(data.class_names))
-    spec = save_checkpoint(out_dir, loop["best_state"], make_spec(config, data, arch_args, mean, std))
+    spec = save_checkpoint(out_dir, loop["best_state"], make_spec(config, data, prepared, mean, std),
+                           prepared.origin.source)
+    if prepared.origin.source is not None:  # the readable copy; the checkpoint holds the same text
+        write_bytes_atomic(out_dir / SOURCE_FILE, prepared.origin.source.encode())
+    else:
+        (out_dir / SOURCE_FILE).unlink(missing_ok=True)  # from an earlier run of a user model
     metrics = {
         "test_accuracy": test_accuracy,
         "test_loss": test_loss,
@@ -243,6 +339,10 @@ def train(config: TrainConfig) -> dict:
         "confusion_matrix": matrix.tolist(),
         "history": loop["history"],
         "checkpoint_sha256": spec["checkpoint_sha256"],
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "init_from": {**prepared.parent.record(), **prepared.init_report} if prepared.parent else None,
+        "frozen": list(config.freeze),
     }
     write_json_atomic(out_dir / "metrics.json", metrics)
     write_json_atomic(out_dir / "train_config.json", config.to_json())
