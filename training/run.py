@@ -108,6 +108,9 @@ def prepare_model(config: TrainConfig, data: datasets.Data) -> PreparedModel:
     every mistake here is a UserError raised before anything is written."""
     parent = read_parent(config.init_from) if config.init_from is not None else None
     origin, given = choose_origin(config, parent)
+    if origin.local_imports:
+        print(f"note: {origin.reference} imports {', '.join(origin.local_imports)} from {origin.directory}: only the "
+              "model's own file travels with the checkpoint; keep those importable for export")
     channels, height, width = data.shape
     data_arguments = {"in_channels": channels, "num_classes": len(data.class_names), "height": height, "width": width}
     arch_args = arguments(origin, data_arguments, given)
