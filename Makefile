@@ -1,7 +1,8 @@
 # The kit's commands. A fresh clone needs only these: each target creates what it needs.
 #   make train                 train the default model (Fashion-MNIST, CNN) into artifacts/fashion-mnist/
 #   make train DATASET=mnist-5k MODEL=simple-cnn NAME=digits EPOCHS=5
-#   make train MODEL=examples/my_net.py:MyNet MODEL_ARGS='{"base_width": 48}' NAME=my-net   your own model
+#   make train MODEL=examples/my_net.py:MyNet MODEL_ARGS='{"base_width": 16}' NAME=my-net   your own model
+#   make train NPROC=2         data-parallel over 2 processes (torchrun: gloo on CPUs, NCCL with one GPU each)
 #   make export                TorchScript + ONNX, parity gate, archives in model_store/ (NAME=...)
 #   make serve                 TorchServe on 127.0.0.1:8080 in the foreground (Ctrl-C stops it)
 #   make samples               a few test images as PNG files in samples/, to send to the server
@@ -17,6 +18,7 @@ PY := $(VENV)/bin/python
 DATASET ?= fashion-mnist
 MODEL ?=
 MODEL_ARGS ?=
+NPROC ?=
 NAME ?= fashion-mnist
 TRAIN_ARGS ?=
 EPOCHS ?=
@@ -65,7 +67,8 @@ java:
 	fi
 
 train: venv data
-	$(PY) -m training --dataset $(DATASET) --name $(NAME) $(if $(MODEL),--model $(MODEL)) \
+	$(if $(NPROC),$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC),$(PY)) -m training \
+	  --dataset $(DATASET) --name $(NAME) $(if $(MODEL),--model $(MODEL)) \
 	  $(if $(MODEL_ARGS),--model-args '$(MODEL_ARGS)') $(if $(EPOCHS),--epochs $(EPOCHS)) $(TRAIN_ARGS)
 
 export: venv

@@ -8,6 +8,7 @@ Examples:
   python -m training --dataset mnist-5k --name digits --init-from artifacts/fashion-mnist/checkpoint.pt \
       --freeze features.0,features.1                   # fine-tune: start from weights, train the rest
   python -m training --model examples/my_net.py:MyNet --summary   # layers, shapes, parameters; no training
+  torchrun --standalone --nproc_per_node=2 -m training              # data-parallel (make train NPROC=2)
   python -m training --resume artifacts/fashion-mnist/last.pt   # continue an interrupted run
 """
 
@@ -15,11 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from training.config import AUGMENTATIONS, TrainConfig
 from training.data import BUILTIN
+from training.distributed import Stopped
 from training.errors import UserError
 from training.models import ARCHITECTURES
 
@@ -55,7 +58,9 @@ def parser() -> argparse.ArgumentParser:
                            "share one, else 64)")
     how = p.add_argument_group("how to train")
     how.add_argument("--epochs", type=int, default=D.epochs, help="(%(default)s)")
-    how.add_argument("--batch-size", type=int, default=D.batch_size, help="(%(default)s)")
+    how.add_argument("--batch-size", type=int, default=D.batch_size,
+                     help="the global batch: under torchrun each of N processes takes batch/N of it, so the "
+                          "learning rate and schedule keep their meaning (%(default)s)")
     how.add_argument("--optimizer", default=D.optimizer, choices=["sgd", "adamw"], help="(%(default)s)")
     how.add_argument("--lr", type=float, default=D.lr, help="peak learning rate (%(default)s; try 3e-3 for adamw)")
     how.add_argument("--momentum", type=float, default=D.momentum, help="SGD momentum (%(default)s)")
@@ -110,6 +115,8 @@ def model_arguments(text: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     options = vars(parser().parse_args(argv))
     summary_only = options.pop("summary")
+    rank = int(os.environ.get("RANK", "0"))  # under torchrun: process 0 speaks for the run
+    last = f"{options['artifacts_dir']}/{options['name']}/last.pt"
     try:
         from training.run import summarize, train  # heavy imports after --help
 
@@ -117,12 +124,17 @@ def main(argv: list[str] | None = None) -> int:
         config = TrainConfig.from_options(options)
         summarize(config) if summary_only else train(config)
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
+        if rank == 0:  # every process meets the same mistake (training.distributed.World.together)
+            print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\ninterrupted: earlier outputs are intact; the last finished epoch is in "
-              f"{options['artifacts_dir']}/{options['name']}/last.pt (continue with --resume)", file=sys.stderr)
+        print(f"\ninterrupted: earlier outputs are intact; the last finished epoch is in {last} "
+              "(continue with --resume)", file=sys.stderr)
         return 130
+    except Stopped as stop:
+        print(f"error: process {rank} stopped: another process of this distributed run failed or was lost ({stop}); "
+              f"the last finished epoch is in {last} (continue with --resume)", file=sys.stderr)
+        return 1
     return 0
 
 
