@@ -1,7 +1,8 @@
 """One training run, start to finish: data -> model -> epochs -> best weights -> outputs.
 
 Writes into artifacts/<name>/: checkpoint.pt, spec.json, metrics.json, train_config.json,
-curves.png, confusion_matrix.png, and last.pt (the full training state after every epoch,
+curves.png, confusion_matrix.png, analysis.json, misclassified.png, report.html (training/report.py),
+tensorboard/ with --tensorboard, and last.pt (the full training state after every epoch,
 for --resume). Every write is atomic; an interrupted run leaves the previous outputs intact.
 """
 
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from training import data as datasets
+from training.board import TensorBoard
 from training.checkpoint import (
     TRAINING_STATE_FORMAT,
     bare_state_dict,
@@ -43,6 +45,7 @@ from training.loop import (
 from training.metrics import confusion_matrix, per_class
 from training.models import build, full_arguments
 from training.plots import plot_confusion, plot_curves
+from training.report import report_training
 
 # Options that define what is trained: a resumed run must use the same ones as the saved state.
 RUN_DEFINING = ("dataset", "model", "epochs", "batch_size", "optimizer", "lr", "momentum", "nesterov",
@@ -193,6 +196,7 @@ def train(config: TrainConfig) -> dict:
 
     out_dir = config.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
+    board = TensorBoard(out_dir / "tensorboard", config.tensorboard)
     for epoch in range(loop["epoch"] + 1, config.epochs + 1):
         started = time.perf_counter()
         train_loss, train_accuracy, seen, seconds = train_epoch(
@@ -217,6 +221,7 @@ def train(config: TrainConfig) -> dict:
         print(f"epoch {epoch:3d}/{config.epochs}  train loss {train_loss:.4f} acc {train_accuracy:.4f}  "
               f"val loss {val_loss:.4f} acc {val_accuracy:.4f}{' *' if improved else ''}  "
               f"{seen / seconds:7.0f} img/s  {time.perf_counter() - started:5.1f}s", flush=True)
+        board.log_epoch(loop["history"][-1])
         if config.patience and epoch - loop["best_epoch"] >= config.patience:
             print(f"early stop: no better validation accuracy for {config.patience} epochs")
             break
@@ -249,6 +254,7 @@ def train(config: TrainConfig) -> dict:
     plot_curves(loop["history"], out_dir / "curves.png")
     plot_confusion(matrix.numpy(), data.class_names, out_dir / "confusion_matrix.png",
                    f"{config.name}: test accuracy {test_accuracy:.2%}")
+    report_training(out_dir, model, data, mean_t, std_t, device, config.workers, board)
     print(f"test accuracy {test_accuracy:.4f} (best epoch {loop['best_epoch']}, val {loop['best_val_accuracy']:.4f}); "
           f"training {loop['train_loop_seconds']:.1f}s; wrote {out_dir}/")
     return metrics
