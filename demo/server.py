@@ -75,11 +75,16 @@ def make_handler(settings: dict) -> type[BaseHTTPRequestHandler]:
 
 
 def start(host: str, port: int, inference: str, management: str) -> ThreadingHTTPServer:
-    """The demo server, answering in a background thread; `.shutdown()` stops it (tests use this)."""
+    """The demo server, answering in a background thread until `stop(server)` (tests use this)."""
     settings = {"inference": inference.rstrip("/"), "management": management.rstrip("/"), "protocol": "torchserve"}
     server = ThreadingHTTPServer((host, port), make_handler(settings))
     threading.Thread(target=server.serve_forever, name="demo-server", daemon=True).start()
     return server
+
+
+def stop(server: ThreadingHTTPServer) -> None:
+    server.shutdown()
+    server.server_close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nstopping the demo page")
     finally:
-        server.shutdown()
+        stop(server)
     return 0
 
 

@@ -30,7 +30,7 @@ def page(exported, tmp_path_factory):
                            extra_config=f"cors_allowed_origin={origin}")
     site = demo.start("127.0.0.1", port, server.inference, server.management)
     yield f"{origin}/", server
-    site.shutdown()
+    demo.stop(site)
     server.stop()
 
 
@@ -170,7 +170,7 @@ def test_a_page_from_another_origin_cannot_read_the_server(page, browser):
         assert body_attribute(browser, "models") == ""
         assert "cannot list the models" in browser.find_element(By.ID, "server-status").text
     finally:
-        other.shutdown()
+        demo.stop(other)
     status, body, headers = harness.http("GET", f"{server.management}/models")
     assert status == 200 and json.loads(body)["models"]  # the server itself is fine
     allowed = {key.lower(): value for key, value in headers.items()}["access-control-allow-origin"]
