@@ -22,28 +22,31 @@ GRID_SIZE = 24  # mistakes shown: four rows of six
 
 
 @torch.no_grad()
-def worst_mistakes(model: torch.nn.Module, split: Split, mean: torch.Tensor, std: torch.Tensor,
-                   device: torch.device, shape, workers: int, limit: int = GRID_SIZE) -> tuple[list[dict], int]:
+def worst_mistakes(model: torch.nn.Module, split: Split, predictions: torch.Tensor, mean: torch.Tensor,
+                   std: torch.Tensor, device: torch.device, shape, workers: int,
+                   limit: int = GRID_SIZE) -> tuple[list[dict], int]:
     """(the `limit` most confident wrong predictions with their uint8 images, the number of mistakes).
 
-    Evaluated in float32 and eval mode, like training's own test pass; only the current best
-    `limit` images are kept, so a large test split never sits in memory twice.
+    `predictions` are the test pass's own (what the confusion matrix counts); only the images
+    they got wrong are run again, in float32 and eval mode, for the probability of the predicted class.
     """
     model.eval()
-    kept: list[dict] = []
-    mistakes = offset = 0
-    for images, labels in batches(split, 1024, device, None, shape, workers):
-        inputs = normalize(images, mean, std).contiguous(memory_format=torch.channels_last)
-        probabilities = torch.softmax(model(inputs).float(), dim=1)
-        confidence, predicted = probabilities.max(dim=1)
-        wrong = (predicted != labels).nonzero().flatten()
-        mistakes += len(wrong)
-        for i in wrong[confidence[wrong].argsort(descending=True)[:limit]].tolist():
-            kept.append({"index": offset + i, "true": int(labels[i]), "predicted": int(predicted[i]),
-                         "confidence": float(confidence[i]), "image": images[i].cpu().numpy()})
-        kept = sorted(kept, key=lambda m: (-m["confidence"], m["index"]))[:limit]
-        offset += len(labels)
-    return kept, mistakes
+    wrong = (predictions.cpu() != split.labels.cpu()).nonzero().flatten()
+    probabilities = [torch.softmax(model(normalize(images, mean, std).contiguous(memory_format=torch.channels_last))
+                                   .float(), dim=1).cpu()
+                     for images, _ in batches(split.subset(wrong), 1024, device, None, shape, workers)]
+    if not probabilities:
+        return [], 0
+    predicted = predictions.cpu()[wrong]
+    confidence = torch.cat(probabilities).gather(1, predicted[:, None]).flatten()
+    order = confidence.sort(descending=True, stable=True).indices[:limit]  # ties: test-split order
+    chosen = wrong[order]
+    images = torch.cat([images.cpu() for images, _ in batches(split.subset(chosen), limit, device, None, shape,
+                                                              workers)])
+    labels = split.labels.cpu()
+    return [{"index": int(index), "true": int(labels[index]), "predicted": int(predicted[o]),
+             "confidence": float(confidence[o]), "image": image.numpy()}
+            for index, o, image in zip(chosen, order, images)], len(wrong)
 
 
 def parameter_counts(model: torch.nn.Module) -> dict:
@@ -52,10 +55,10 @@ def parameter_counts(model: torch.nn.Module) -> dict:
             "trainable": sum(p.numel() for p in parameters if p.requires_grad)}
 
 
-def write_analysis(out_dir: Path, model: torch.nn.Module, data: Data, mean: torch.Tensor, std: torch.Tensor,
-                   device: torch.device, workers: int, checkpoint_sha256: str) -> dict:
+def write_analysis(out_dir: Path, model: torch.nn.Module, data: Data, predictions: torch.Tensor, mean: torch.Tensor,
+                   std: torch.Tensor, device: torch.device, workers: int, checkpoint_sha256: str) -> dict:
     """Writes misclassified.png and analysis.json (tied to the checkpoint by its sha256)."""
-    kept, mistakes = worst_mistakes(model, data.test, mean, std, device, data.shape, workers)
+    kept, mistakes = worst_mistakes(model, data.test, predictions, mean, std, device, data.shape, workers)
     names = data.class_names
     titles = [f"{short(names[m['true']])}\n→ {short(names[m['predicted']])} {m['confidence']:.0%}" for m in kept]
     plot_misclassified([np.asarray(m["image"]) for m in kept], titles, out_dir / "misclassified.png")

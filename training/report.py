@@ -92,13 +92,13 @@ def write_report(out_dir: Path) -> Path:
     return path
 
 
-def report_training(out_dir: Path, model, data, mean, std, device, workers: int, board) -> Path:
-    """The end of a training run: the worst mistakes and the model's size (analysis.json,
-    misclassified.png), the TensorBoard log's last entries, then the report."""
+def report_training(out_dir: Path, model, data, predictions, mean, std, device, workers: int, board) -> Path:
+    """The end of a training run: the worst mistakes among the test pass's `predictions` and the
+    model's size (analysis.json, misclassified.png), the TensorBoard log's last entries, the report."""
     from training.analysis import write_analysis
 
     spec = read_json(out_dir / "spec.json")
-    write_analysis(out_dir, model, data, mean, std, device, workers, spec["checkpoint_sha256"])
+    write_analysis(out_dir, model, data, predictions, mean, std, device, workers, spec["checkpoint_sha256"])
     board.finish(out_dir)
     path = write_report(out_dir)
     print(f"report: {path}")

@@ -254,7 +254,7 @@ def train(config: TrainConfig) -> dict:
     plot_curves(loop["history"], out_dir / "curves.png")
     plot_confusion(matrix.numpy(), data.class_names, out_dir / "confusion_matrix.png",
                    f"{config.name}: test accuracy {test_accuracy:.2%}")
-    report_training(out_dir, model, data, mean_t, std_t, device, config.workers, board)
+    report_training(out_dir, model, data, predictions, mean_t, std_t, device, config.workers, board)
     print(f"test accuracy {test_accuracy:.4f} (best epoch {loop['best_epoch']}, val {loop['best_val_accuracy']:.4f}); "
           f"training {loop['train_loop_seconds']:.1f}s; wrote {out_dir}/")
     return metrics
