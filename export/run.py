@@ -19,6 +19,7 @@ import torch
 from export import convert, parity
 from export.archive import ServingConfig, build_archive, ensure_writable
 from export.checkpoint import load_trained
+from export.report import update_report
 from training import data as datasets
 from training.checkpoint import write_json_atomic
 from training.config import check_name
@@ -116,5 +117,6 @@ def export(config: ExportConfig) -> dict:
         archive = build_archive(config.name + suffix, out_dir / file_name, spec_file, backend,
                                 config.model_store, config.serving)
         print(f"wrote {archive} ({archive.stat().st_size / 1e6:.1f} MB, {backend})")
+    update_report(out_dir, config.model_store)
     print(f"export took {time.perf_counter() - started:.1f}s")
     return report

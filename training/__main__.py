@@ -98,6 +98,9 @@ def parser() -> argparse.ArgumentParser:
     hw.add_argument("--compile", action=argparse.BooleanOptionalAction, default=D.compile,
                     help="torch.compile the model (off)")
     hw.add_argument("--artifacts-dir", type=Path, default=D.artifacts_dir, help="(%(default)s)")
+    hw.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=D.tensorboard,
+                    help="also log to ARTIFACTS_DIR/NAME/tensorboard/ for TensorBoard (off; report.html is "
+                         "always written)")
     return p
 
 

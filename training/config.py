@@ -49,6 +49,7 @@ class TrainConfig:
     artifacts_dir: Path = Path("artifacts")
     resume: Path | None = None  # a last.pt to continue from
     download: bool = True  # let torchvision download mnist / cifar10 / fashion-mnist where reachable
+    tensorboard: bool = False  # also log to artifacts/<name>/tensorboard/ (the HTML report is always written)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):

@@ -1,10 +1,11 @@
 """One training run, start to finish: data -> model -> epochs -> best weights -> outputs.
 
 Writes into artifacts/<name>/: checkpoint.pt, spec.json, metrics.json, train_config.json,
-curves.png, confusion_matrix.png, model_source.py (a user model's source), and last.pt (the full
-training state after every epoch, for --resume). Every write is atomic; an interrupted run leaves
-the previous outputs intact, and a mistake found before training (a model that does not build or
-run, weights that do not fit) leaves artifacts/<name>/ untouched.
+curves.png, confusion_matrix.png, model_source.py (a user model's source), analysis.json,
+misclassified.png, report.html (training/report.py), tensorboard/ with --tensorboard, and last.pt
+(the full training state after every epoch, for --resume). Every write is atomic; an interrupted
+run leaves the previous outputs intact, and a mistake found before training (a model that does
+not build or run, weights that do not fit) leaves artifacts/<name>/ untouched.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from training import data as datasets
+from training.board import TensorBoard
 from training.checkpoint import (
     TRAINING_STATE_FORMAT,
     bare_state_dict,
@@ -72,6 +74,7 @@ from training.model_origin import (
 )
 from training.models import DEFAULT_ARCH
 from training.plots import plot_confusion, plot_curves
+from training.report import report_training
 
 # Options that define what is trained: a resumed run must use the same ones as the saved state.
 RUN_DEFINING = ("dataset", "model", "model_args", "init_from", "freeze", "epochs", "batch_size", "optimizer", "lr",
@@ -378,6 +381,7 @@ def train_in(config: TrainConfig, world: World, device: torch.device) -> dict:
     out_dir = config.out_dir
     if world.main:
         out_dir.mkdir(parents=True, exist_ok=True)
+    board = TensorBoard(out_dir / "tensorboard", config.tensorboard and world.main)
     for epoch in range(loop["epoch"] + 1, config.epochs + 1):
         started = time.perf_counter()
         train_loss, train_accuracy, seen, seconds = train_epoch(trainable, optimizer, scheduler, run, epoch)
@@ -404,6 +408,7 @@ def train_in(config: TrainConfig, world: World, device: torch.device) -> dict:
         print(f"epoch {epoch:3d}/{config.epochs}  train loss {train_loss:.4f} acc {train_accuracy:.4f}  "
               f"val loss {val_loss:.4f} acc {val_accuracy:.4f}{' *' if improved else ''}  "
               f"{seen / seconds:7.0f} img/s  {time.perf_counter() - started:5.1f}s", flush=True)
+        board.log_epoch(loop["history"][-1])
         if config.patience and epoch - loop["best_epoch"] >= config.patience:
             print(f"early stop: no better validation accuracy for {config.patience} epochs")
             break
@@ -435,14 +440,14 @@ def train_in(config: TrainConfig, world: World, device: torch.device) -> dict:
         "frozen": list(config.freeze),
     }
     if world.main:
-        write_outputs(config, prepared, data, metrics, loop, mean, std, matrix)
+        write_outputs(run, prepared, model, metrics, loop, mean, std, matrix, predictions, board)
     return metrics
 
 
-def write_outputs(config: TrainConfig, prepared: PreparedModel, data: datasets.Data, metrics: dict, loop: dict,
-                  mean, std, matrix: torch.Tensor) -> None:
-    """checkpoint.pt, spec.json, model_source.py, metrics.json, train_config.json, plots: all atomic."""
-    out_dir = config.out_dir
+def write_outputs(run: Setting, prepared: PreparedModel, model: nn.Module, metrics: dict, loop: dict, mean, std,
+                  matrix: torch.Tensor, predictions: torch.Tensor, board: TensorBoard) -> None:
+    """checkpoint.pt, spec.json, model_source.py, metrics.json, train_config.json, plots, report: atomic."""
+    config, data, out_dir = run.config, run.data, run.config.out_dir
     spec = save_checkpoint(out_dir, loop["best_state"], make_spec(config, data, prepared, mean, std),
                            prepared.origin.source)
     if prepared.origin.source is not None:  # the readable copy; the checkpoint holds the same text
@@ -455,5 +460,6 @@ def write_outputs(config: TrainConfig, prepared: PreparedModel, data: datasets.D
     plot_curves(loop["history"], out_dir / "curves.png")
     plot_confusion(matrix.numpy(), data.class_names, out_dir / "confusion_matrix.png",
                    f"{config.name}: test accuracy {metrics['test_accuracy']:.2%}")
+    report_training(out_dir, model, data, predictions, run.mean, run.std, run.device, config.workers, board)
     print(f"test accuracy {metrics['test_accuracy']:.4f} (best epoch {loop['best_epoch']}, "
           f"val {loop['best_val_accuracy']:.4f}); training {loop['train_loop_seconds']:.1f}s; wrote {out_dir}/")
