@@ -17,7 +17,7 @@ from handlers.pipeline import DEFAULT_MAX_PIXELS
 from training.errors import UserError
 
 HANDLERS_DIR = Path(__file__).resolve().parents[1] / "handlers"
-HANDLER_MODULES = ("__init__.py", "image.py", "pipeline.py", "torchserve_handler.py")
+HANDLER_MODULES = ("__init__.py", "image.py", "oip.py", "pipeline.py", "torchserve_handler.py")
 ARCHIVER = str(Path(sys.executable).parent / "torch-model-archiver")
 
 

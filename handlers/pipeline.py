@@ -106,6 +106,25 @@ def load_classifier(model_dir: Path, settings: Settings, workers: int, gpu_id: i
                       settings.max_pixels, infer, device)
 
 
+# ---------------------------------------------------------------------------- one request, N images (OIP)
+
+def probabilities_of_images(images: list[bytes], classifier: Classifier) -> np.ndarray:
+    """N encoded images -> probabilities float64 (N, classes) in one forward pass. The images come in
+    one request, which succeeds or fails as a whole: a bad image raises BadImage naming its position."""
+    inputs = []
+    for position, image in enumerate(images):
+        try:
+            inputs.append(preprocess(image, classifier))
+        except BadImage as error:
+            raise BadImage(f"image {position}: {error}", error.status) from None
+    return probabilities_of_inputs(np.stack(inputs), classifier)
+
+
+def probabilities_of_inputs(batch: np.ndarray, classifier: Classifier) -> np.ndarray:
+    """Normalized float32 (N, C, H, W), as `preprocess` makes them -> probabilities float64 (N, classes)."""
+    return softmax(classifier.infer(batch))
+
+
 # ---------------------------------------------------------------------------- the four steps
 
 def decode_request(request: dict) -> bytes:

@@ -6,6 +6,11 @@ explicitly (onnxruntime or torchscript). A bad image in a batch gets its own 4xx
 message; the other requests of the batch get their predictions; the worker keeps running.
 `GET /models/<name>?customized=true` on the management API answers with the model's metadata
 (`describe`: the spec and the pixel limit), which the demo page uses to show what the model sees.
+
+`POST /v2/models/<name>/infer` (the Open Inference Protocol, see handlers/oip.py) reaches this handler
+too, with its body untouched: TorchServe marks /predictions requests with a `url_path` header and
+those of its other inference routes not, so a request without one is read as OIP (JSON, or JSON +
+binary tensor data) and answered in kind, one forward pass per request, its N images together.
 """
 
 from __future__ import annotations
@@ -14,8 +19,16 @@ import json
 import logging
 from pathlib import Path
 
+from handlers import oip
 from handlers.image import BadImage
-from handlers.pipeline import Classifier, Settings, classify_batch, load_classifier
+from handlers.pipeline import (
+    Classifier,
+    Settings,
+    classify_batch,
+    load_classifier,
+    probabilities_of_images,
+    probabilities_of_inputs,
+)
 
 log = logging.getLogger(__name__)
 PHRASES = {400: "Bad Request", 413: "Payload Too Large", 415: "Unsupported Media Type"}
@@ -38,16 +51,56 @@ class ImageClassifierHandler:
     def handle(self, data: list[dict], context) -> list:
         if context.get_request_header(0, "describe") == "True":  # TorchServe sends describe jobs alone
             return [describe(self.classifier)]
-        results = classify_batch(data, self.classifier)
-        responses = []
-        for index, result in enumerate(results):
+        responses: list = [None] * len(data)
+        predictions = [i for i in range(len(data)) if context.get_request_header(i, "url_path") is not None]
+        results = classify_batch([data[i] for i in predictions], self.classifier)
+        for index, result in zip(predictions, results):
             if isinstance(result, BadImage):
                 context.set_response_status(result.status, PHRASES.get(result.status, "Bad Request"), index)
                 context.set_response_content_type(index, "application/json")
-                responses.append(json.dumps({"code": result.status, "error": str(result)}))
+                responses[index] = json.dumps({"code": result.status, "error": str(result)})
             else:
-                responses.append(result)
+                responses[index] = result
+        for index in range(len(data)):
+            if responses[index] is None:
+                responses[index] = self.infer(data[index], context, index)
         return responses
+
+    def infer(self, row: dict, context, index: int) -> bytes:
+        """One Open Inference Protocol request -> its answer (JSON, or JSON + binary data)."""
+        headers = {key.lower(): value for key, value in context.get_all_request_header(index).items()}
+        body = row.get("body", row.get("data"))
+        version = context.manifest["model"]["modelVersion"]
+        try:
+            if not isinstance(body, (bytes, bytearray, dict)):
+                raise oip.BadRequest("the body is not an inference request: send JSON (with Content-Type "
+                                     "application/json or none), or JSON followed by binary tensor data")
+            request = oip.decode_request(body if isinstance(body, dict) else bytes(body),
+                                         headers.get(oip.JSON_LENGTH_HEADER))
+            inputs = oip.model_input(request.inputs, self.classifier.spec)
+            probabilities = (probabilities_of_images(inputs, self.classifier) if isinstance(inputs, list)
+                             else probabilities_of_inputs(inputs, self.classifier))
+            outputs = oip.model_outputs(probabilities, self.classifier.spec["class_names"],
+                                        None if request.outputs is None else [name for name, _ in request.outputs])
+            answer, json_length = oip.encode_response(context.model_name, version, request, outputs)
+        except (BadImage, oip.BadRequest) as error:
+            context.set_response_status(error.status, PHRASES.get(error.status, "Bad Request"), index)
+            context.set_response_content_type(index, "application/json")
+            answer = {"error": str(error)}
+            if context.get_request_header(index, "explain") is None:
+                # Only TorchServe's own OIP gRPC service sends requests without this header (its REST
+                # routes add it). It reads every answer as a response whatever the status, and a missing
+                # field kills the worker; so the client gets an empty response and the log the message.
+                log.warning("OIP gRPC request refused: %s", error)
+                answer.update(id=str(body.get("id", "")) if isinstance(body, dict) else "",
+                              model_name=context.model_name, model_version=version, outputs=[])
+            return json.dumps(answer).encode()
+        if json_length is None:
+            context.set_response_content_type(index, "application/json")
+        else:
+            context.set_response_content_type(index, "application/octet-stream")
+            context.set_response_header(index, "Inference-Header-Content-Length", str(json_length))
+        return answer
 
 
 def describe(classifier: Classifier) -> dict:

@@ -130,3 +130,63 @@ def start(model_store: Path, workdir: Path, models: list[str], extra_config: str
         server.stop()
         raise
     return server
+
+
+# ---------------------------------------------------------------------------- KServe's ModelServer
+
+@dataclass
+class KServe:
+    """`python -m handlers.kserve_model` (what `make serve-kserve` runs) on free loopback ports."""
+
+    process: subprocess.Popen
+    http: str  # http://127.0.0.1:PORT
+    grpc: str  # 127.0.0.1:PORT, as gRPC clients take it
+    log_file: Path
+
+    def log(self) -> str:
+        return self.log_file.read_text(errors="replace")[-6000:]
+
+    def wait_ready(self, models: list[str], timeout: float = 120) -> None:
+        """Until every model answers GET /v2/models/<name>/ready with 200."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the KServe server exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                if all(http("GET", f"{self.http}/v2/models/{model}/ready", timeout=2)[0] == 200 for model in models):
+                    return
+            except OSError:
+                pass
+            time.sleep(0.3)
+        raise TimeoutError(f"the KServe server was not ready after {timeout}s:\n{self.log()}")
+
+    def stop(self) -> None:
+        """SIGINT, as Ctrl-C: KServe stops its REST and gRPC servers and exits."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_kserve(model_store: Path, workdir: Path, models: list[str], timeout: float = 120,
+                 extra_args: tuple[str, ...] = ()) -> KServe:
+    """Starts the kit's KServe ModelServer on free loopback ports and waits until `models` are ready."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    http_port, grpc_port = free_ports(2)
+    log_file = workdir / "kserve.log"
+    with open(log_file, "wb") as log:
+        process = subprocess.Popen(
+            [str(ROOT / ".venv" / "bin" / "python"), "-m", "handlers.kserve_model", "--model_store", str(model_store),
+             "--http_port", str(http_port), "--grpc_port", str(grpc_port), *extra_args],
+            cwd=ROOT, env={**os.environ, "TMPDIR": str(workdir)}, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+    server = KServe(process, f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", log_file)
+    try:
+        server.wait_ready(models, timeout)
+    except BaseException:
+        server.stop()
+        raise
+    return server

@@ -55,7 +55,7 @@ def test_archives_hold_model_handlers_spec_and_config(exported_tiny):
         with zipfile.ZipFile(store / f"{name}.mar") as mar:
             names = set(mar.namelist())
             assert {model_file, "spec.json", "torchserve_handler.py", "model-config.yaml", "MAR-INF/MANIFEST.json",
-                    "handlers/__init__.py", "handlers/image.py", "handlers/pipeline.py"} <= names
+                    "handlers/__init__.py", "handlers/image.py", "handlers/oip.py", "handlers/pipeline.py"} <= names
             assert not any("__pycache__" in n or n.endswith(".pyc") for n in names)
             manifest = json.loads(mar.read("MAR-INF/MANIFEST.json"))
             config = yaml.safe_load(mar.read("model-config.yaml"))

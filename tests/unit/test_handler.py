@@ -83,20 +83,29 @@ class FakeContext:
 
     def __init__(self, model_dir, yaml_config, serialized_file):
         self.system_properties = {"model_dir": str(model_dir), "gpu_id": None}
-        self.manifest = {"model": {"serializedFile": serialized_file}}
+        self.manifest = {"model": {"serializedFile": serialized_file, "modelVersion": "1.0"}}
         self.model_yaml_config = yaml_config
         self.model_name = "test"
         self.statuses, self.content_types = {}, {}
         self.request_headers = {}  # of request 0: TorchServe marks a describe request {"describe": "True"}
+        self.headers = {}  # of other requests, by index (default: a /predictions request)
+        self.response_headers = {}
+
+    def get_all_request_header(self, idx):
+        predictions = {"url_path": "", "explain": "False"}  # what TorchServe adds to a /predictions request
+        return {**predictions, **self.request_headers} if idx == 0 else self.headers.get(idx, predictions)
 
     def get_request_header(self, idx, key):
-        return self.request_headers.get(key) if idx == 0 else None
+        return self.get_all_request_header(idx).get(key)
 
     def set_response_status(self, code, phrase, idx):
         self.statuses[idx] = (code, phrase)
 
     def set_response_content_type(self, idx, value):
         self.content_types[idx] = value
+
+    def set_response_header(self, idx, key, value):
+        self.response_headers.setdefault(idx, {})[key] = value
 
 
 @pytest.mark.parametrize("backend, file_name", [("onnxruntime", "model.onnx"), ("torchscript", "model.torchscript.pt")])

@@ -1,0 +1,258 @@
+"""The kit's archives on KServe's ModelServer: the complete Open Inference Protocol, REST and gRPC.
+
+  make serve-kserve        HTTP on 127.0.0.1:8085, gRPC on 127.0.0.1:8086; Ctrl-C stops it
+  python -m handlers.kserve_model --model_store model_store --http_port 8085 --grpc_port 8086 [--host 0.0.0.0]
+
+Every archive (.mar) of the model store is served under its own name, read exactly as TorchServe
+reads it — spec.json, the model file and model-config.yaml's `handler:` section — and run through
+the same pipeline (handlers/pipeline.py) with the same contract (handlers/oip.py). `ArchivedClassifier`
+is the thin adapter, the counterpart of torchserve_handler.py; the rest is KServe's own server, with
+three changes that say why where they are made: it listens on one address (--host, loopback by
+default; KServe binds every interface), the model metadata names the platform, and REST requests
+with binary BYTES data (tritonclient's default) are decoded by the kit's codec.
+Every option of KServe's ModelServer (--workers excepted: 1) works here too: see --help.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import uuid
+import zipfile
+from pathlib import Path
+
+import yaml
+
+from handlers import oip
+from handlers.image import BadImage
+from handlers.pipeline import (
+    Classifier,
+    Settings,
+    load_classifier,
+    probabilities_of_images,
+    probabilities_of_inputs,
+)
+
+# `import kserve` parses sys.argv with the ModelServer's own parser (kserve/model_server.py builds it at
+# import time): hide this process's arguments from it, so importing this module never depends on them.
+_argv, sys.argv = sys.argv, sys.argv[:1]
+try:
+    import kserve
+    from kserve import model_server
+    from kserve.errors import InvalidInput
+    from kserve.logging import logger as log
+    from kserve.protocol.dataplane import DataPlane
+    from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
+    from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor, LoggingInterceptor
+    from kserve.protocol.grpc.server import GRPCServer
+    from kserve.protocol.grpc.servicer import InferenceServicer
+    from kserve.protocol.infer_type import InferInput, InferOutput, InferRequest, InferResponse, RequestedOutput
+    from kserve.protocol.rest.server import RESTServer
+finally:
+    sys.argv = _argv
+
+
+
+class UserError(Exception):
+    """A mistake the user can fix (no archives, a broken one): one line, exit 1."""
+
+
+class ArchivedClassifier(kserve.Model):
+    """One archive's classifier behind the Open Inference Protocol."""
+
+    def __init__(self, name: str, version: str, backend: str, classifier: Classifier):
+        super().__init__(name)
+        self.version, self.backend, self.classifier = version, backend, classifier
+        self.ready = True
+
+    def get_input_types(self) -> list[dict]:
+        return oip.inputs_metadata(self.classifier.spec)
+
+    def get_output_types(self) -> list[dict]:
+        return oip.outputs_metadata(self.classifier.spec)
+
+    def metadata(self) -> dict:
+        return oip.model_metadata(self.name, self.version, self.classifier.spec, self.backend)
+
+    def predict(self, request: InferRequest, headers: dict | None = None) -> InferResponse:
+        if not isinstance(request, InferRequest):  # KServe's v1 route: /v1/models/<name>:predict
+            raise InvalidInput(f"this server speaks the Open Inference Protocol: POST /v2/models/{self.name}/infer")
+        try:
+            inputs = oip.model_input([tensor_of(item) for item in request.inputs], self.classifier.spec)
+            probabilities = (probabilities_of_images(inputs, self.classifier) if isinstance(inputs, list)
+                             else probabilities_of_inputs(inputs, self.classifier))
+            requested = [output.name for output in request.request_outputs] if request.request_outputs else None
+            outputs = oip.model_outputs(probabilities, self.classifier.spec["class_names"], requested)
+        except (BadImage, oip.BadRequest) as error:  # KServe answers 400 / INVALID_ARGUMENT with the message
+            raise InvalidInput(str(error)) from None
+        return InferResponse(
+            response_id=request.id or str(uuid.uuid4()),  # KServe's REST schema requires an id
+            model_name=self.name, model_version=self.version,
+            infer_outputs=[infer_output(tensor, raw=request.from_grpc) for tensor in outputs],
+            use_binary_outputs=request.use_binary_outputs, requested_outputs=request.request_outputs)
+
+
+def infer_output(tensor: oip.Tensor, raw: bool) -> InferOutput:
+    output = InferOutput(tensor.name, list(tensor.data.shape), tensor.datatype, data=tensor.data,
+                         parameters=tensor.parameters or None)
+    if raw:  # KServe 0.21's gRPC encoder fails on NumPy data when the request was raw: give it bytes
+        output.set_data_from_numpy(tensor.data, binary_data=True)
+    return output
+
+
+def tensor_of(item: InferInput) -> oip.Tensor:
+    """A KServe input -> the kit's Tensor; data that does not fit its shape or datatype is a client error."""
+    if item.datatype != "BYTES" and item.datatype not in oip.NUMPY_TYPES:
+        raise oip.BadRequest(f"input {item.name!r}: unknown datatype {item.datatype!r}")
+    try:
+        data = item.as_numpy()
+    except Exception as error:  # numpy's reshape/frombuffer and KServe's own decoding raise several types
+        raise oip.BadRequest(f"input {item.name!r}: its data does not fit shape {list(item.shape)} and "
+                             f"datatype {item.datatype} ({error})") from None
+    return oip.Tensor(item.name, item.datatype, data)
+
+
+# ---------------------------------------------------------------------------- the server
+
+class KitDataPlane(DataPlane):
+    async def model_metadata(self, model_name: str) -> dict:
+        model = self.get_model_from_registry(model_name)
+        if isinstance(model, ArchivedClassifier):  # KServe's own leaves "platform" empty
+            return model.metadata()
+        return await super().model_metadata(model_name)
+
+    def decode_inference_request(self, body, headers: dict, model_name: str) -> InferRequest:
+        # KServe 0.21's own decoder turns binary BYTES data into UTF-8 text, which encoded images are
+        # not ("Failed to encode ... using UTF-8"): the kit's codec keeps them as bytes.
+        if not isinstance(body, bytes):
+            return super().decode_inference_request(body, headers, model_name)
+        try:
+            request = oip.decode_request(body, headers.get(oip.JSON_LENGTH_HEADER))
+        except oip.BadRequest as error:
+            raise InvalidInput(str(error)) from None
+        return InferRequest(
+            model_name=model_name, request_id=request.id,
+            infer_inputs=[InferInput(t.name, list(t.data.shape), t.datatype, data=t.data) for t in request.inputs],
+            parameters={"binary_data_output": request.binary_outputs},
+            request_outputs=None if request.outputs is None else
+            [RequestedOutput(name, {"binary_data": binary}) for name, binary in request.outputs])
+
+
+class LoopbackGRPCServer(GRPCServer):
+    """KServe's gRPC server on one address (its own listens on [::])."""
+
+    def __init__(self, host: str, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.host = host
+
+    async def start(self, max_workers: int):
+        from concurrent import futures
+
+        from grpc import aio
+
+        self._server = aio.server(
+            futures.ThreadPoolExecutor(max_workers=max_workers),
+            interceptors=(LoggingInterceptor(), ExceptionToStatusInterceptor()),
+            options=[("grpc.max_send_message_length", self._kwargs.get("grpc_max_send_message_length")),
+                     ("grpc.max_receive_message_length", self._kwargs.get("grpc_max_receive_message_length"))])
+        grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceServicer(self._data_plane, self._model_repository_extension), self._server)
+        address = f"[{self.host}]:{self._port}" if ":" in self.host else f"{self.host}:{self._port}"
+        if self._server.add_insecure_port(address) == 0:
+            raise OSError(f"gRPC cannot listen on {address}")
+        log.info("gRPC listening on %s", address)
+        await self._server.start()
+        await self._server.wait_for_termination()
+
+
+class KitModelServer(model_server.ModelServer):
+    """KServe's ModelServer listening on `host` only, with the kit's data plane. One process (its
+    --workers would pickle the ONNX Runtime sessions into new processes)."""
+
+    def __init__(self, host: str, **kwargs):
+        super().__init__(**kwargs)
+        self.host = host
+        self.dataplane = KitDataPlane(model_registry=self.registered_models)
+
+    def start(self, models: list[kserve.Model]) -> None:
+        # KServe's start() with the address set: its RESTServer hard-codes host 0.0.0.0 in uvicorn's config.
+        self._register_and_check_atleast_one_model_is_ready(models)
+        self._rest_server = RESTServer(
+            model_server.FASTAPI_APP_IMPORT_STRING, self.dataplane, self.model_repository_extension,
+            self.http_port, access_log_format=self.access_log_format, grace_period=self.grace_period,
+            event_loop=self.event_loop, timeout_keep_alive=self.timeout_keep_alive,
+            ssl_certfile=self.ssl_certfile, ssl_keyfile=self.ssl_keyfile)
+        self._rest_server.config.host = self.host
+        self.servers.append(self._rest_server.start())
+        if self.enable_grpc:
+            self._grpc_server = LoopbackGRPCServer(self.host, self.grpc_port, self.dataplane,
+                                                   self.model_repository_extension, kwargs=vars(model_server.args),
+                                                   grace_period=self.grace_period)
+            self.servers.append(self._grpc_server.start(self.max_threads))
+        self.setup_event_loop()
+        self.register_signal_handler()
+        asyncio.run(self._serve())
+
+
+# ---------------------------------------------------------------------------- archives
+
+def load_archive(path: Path) -> ArchivedClassifier:
+    """A .mar -> its classifier, read as TorchServe reads it (manifest, model-config.yaml, spec.json)."""
+    try:
+        with zipfile.ZipFile(path) as mar:
+            manifest = json.loads(mar.read("MAR-INF/MANIFEST.json"))["model"]
+            config = yaml.safe_load(mar.read(manifest.get("configFile", "model-config.yaml"))) or {}
+            settings = Settings.from_yaml(config.get("handler", {}), manifest["serializedFile"])
+            with tempfile.TemporaryDirectory(prefix="kit-kserve-") as scratch:  # the model is in memory after
+                mar.extract("spec.json", scratch)
+                mar.extract(settings.model_file, scratch)
+                classifier = load_classifier(Path(scratch), settings, workers=1, gpu_id=0)
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile, yaml.YAMLError) as error:
+        raise UserError(f"{path}: not an archive of the kit ({type(error).__name__}: {error}): "
+                        "make export writes them") from None
+    log.info("loaded %s (%s, %s) from %s", manifest["modelName"], settings.backend, classifier.device, path)
+    return ArchivedClassifier(manifest["modelName"], str(manifest.get("modelVersion", "1")), settings.backend,
+                              classifier)
+
+
+def load_store(model_store: Path) -> list[ArchivedClassifier]:
+    archives = sorted(model_store.glob("*.mar"))
+    if not archives:
+        raise UserError(f"no archives in {model_store}/: run make train export first")
+    models = [load_archive(path) for path in archives]
+    names = [model.name for model in models]
+    if len(set(names)) != len(names):
+        raise UserError(f"two archives in {model_store}/ name the same model: {sorted(names)}")
+    return models
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m handlers.kserve_model", parents=[model_server.parser],
+                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_store", type=Path, default=Path("model_store"), help="folder of .mar archives")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on, REST and gRPC (%(default)s)")
+    p.set_defaults(http_port=8085, grpc_port=8086, enable_latency_logging=False)
+    args = p.parse_args(argv)
+    if args.workers != 1:
+        p.error("--workers must be 1: KServe would pickle the loaded models into new processes")
+    model_server.args = args  # read by KServe when it configures logging and gRPC message sizes
+    server = KitModelServer(args.host, http_port=args.http_port, grpc_port=args.grpc_port, workers=1,
+                            max_threads=args.max_threads, max_asyncio_workers=args.max_asyncio_workers,
+                            enable_grpc=args.enable_grpc, enable_docs_url=args.enable_docs_url,
+                            enable_latency_logging=args.enable_latency_logging,
+                            access_log_format=args.access_log_format, event_loop=args.event_loop,
+                            timeout_keep_alive=args.timeout_keep_alive)  # configures KServe's logging
+    try:
+        models = load_store(args.model_store)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    server.start(models)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
