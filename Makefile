@@ -5,6 +5,7 @@
 #   make train NPROC=2         data-parallel over 2 processes (torchrun: gloo on CPUs, NCCL with one GPU each)
 #   make export                TorchScript + ONNX, parity gate, archives in model_store/ (NAME=...)
 #   make serve                 TorchServe on 127.0.0.1:8080 in the foreground (Ctrl-C stops it)
+#   make serve-kserve          KServe's ModelServer (Open Inference Protocol): HTTP 127.0.0.1:8085, gRPC :8086
 #   make samples               a few test images as PNG files in samples/, to send to the server
 #   make predict IMAGE=samples/0-ankle-boot.png   ask the running server (MODEL_NAME=...)
 #   make demo                  the demo page on http://127.0.0.1:8090/ (while make serve runs); opens nothing
@@ -29,7 +30,7 @@ IMAGE ?=
 MODEL_NAME ?= $(NAME)
 MODEL_STORE ?= model_store
 
-.PHONY: venv data java browser train export serve samples predict demo report test docker-offline image-size \
+.PHONY: venv data java browser train export serve serve-kserve samples predict demo report test docker-offline image-size \
         bench bench-train bench-export bench-serve lint clean help
 
 help:
@@ -96,6 +97,16 @@ serve: venv java
 	  --ts-config config.properties --model-store $(MODEL_STORE) & server=$$!; \
 	trap 'echo "stopping TorchServe"; kill -TERM -$$server 2>/dev/null' INT TERM; \
 	wait $$server; wait $$server; true
+
+KSERVE_HTTP_PORT ?= 8085
+KSERVE_GRPC_PORT ?= 8086
+
+# KServe's ModelServer in the foreground on loopback, serving the same archives through the same
+# pipeline with the complete Open Inference Protocol (REST and gRPC); beside make serve's ports.
+serve-kserve: venv
+	@ls $(MODEL_STORE)/*.mar >/dev/null 2>&1 || { echo "error: no archives in $(MODEL_STORE)/: run make train export first" >&2; exit 1; }
+	$(PY) -m handlers.kserve_model --model_store $(MODEL_STORE) --http_port $(KSERVE_HTTP_PORT) \
+	  --grpc_port $(KSERVE_GRPC_PORT) $(KSERVE_ARGS)
 
 DEMO_PORT ?= 8090
 DEMO_ARGS ?=

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import socket
 import sys
 import tempfile
 import uuid
@@ -25,6 +26,8 @@ import zipfile
 from pathlib import Path
 
 import yaml
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 
 from handlers import oip
 from handlers.image import BadImage
@@ -157,7 +160,8 @@ class LoopbackGRPCServer(GRPCServer):
             futures.ThreadPoolExecutor(max_workers=max_workers),
             interceptors=(LoggingInterceptor(), ExceptionToStatusInterceptor()),
             options=[("grpc.max_send_message_length", self._kwargs.get("grpc_max_send_message_length")),
-                     ("grpc.max_receive_message_length", self._kwargs.get("grpc_max_receive_message_length"))])
+                     ("grpc.max_receive_message_length", self._kwargs.get("grpc_max_receive_message_length")),
+                     ("grpc.so_reuseport", 0)])  # else a second server on the same port shares its traffic
         grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(self._data_plane, self._model_repository_extension), self._server)
         address = f"[{self.host}]:{self._port}" if ":" in self.host else f"{self.host}:{self._port}"
@@ -166,6 +170,13 @@ class LoopbackGRPCServer(GRPCServer):
         log.info("gRPC listening on %s", address)
         await self._server.start()
         await self._server.wait_for_termination()
+
+
+async def invalid_body(_, error: RequestValidationError) -> JSONResponse:
+    """FastAPI's answer to a body that is not an inference request (422 {"detail": ...}) in the protocol's
+    form: 400 {"error": ...}, as every other refusal."""
+    details = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors()[:3])
+    return JSONResponse(status_code=400, content={"error": f"not an inference request ({details})"})
 
 
 class KitModelServer(model_server.ModelServer):
@@ -186,6 +197,7 @@ class KitModelServer(model_server.ModelServer):
             event_loop=self.event_loop, timeout_keep_alive=self.timeout_keep_alive,
             ssl_certfile=self.ssl_certfile, ssl_keyfile=self.ssl_keyfile)
         self._rest_server.config.host = self.host
+        model_server.app.add_exception_handler(RequestValidationError, invalid_body)
         self.servers.append(self._rest_server.start())
         if self.enable_grpc:
             self._grpc_server = LoopbackGRPCServer(self.host, self.grpc_port, self.dataplane,
@@ -229,6 +241,19 @@ def load_store(model_store: Path) -> list[ArchivedClassifier]:
     return models
 
 
+def check_free(host: str, port: int) -> None:
+    """One clear line for a port in use (uvicorn would print a traceback, gRPC share the port)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers themselves bind
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise UserError(f"cannot listen on {host}:{port} ({error.strerror}): another server uses it? "
+                            "choose other ports (--http_port/--grpc_port; make serve-kserve KSERVE_HTTP_PORT=... "
+                            "KSERVE_GRPC_PORT=...)") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m handlers.kserve_model", parents=[model_server.parser],
                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -246,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
                             access_log_format=args.access_log_format, event_loop=args.event_loop,
                             timeout_keep_alive=args.timeout_keep_alive)  # configures KServe's logging
     try:
+        for port in (args.http_port, args.grpc_port) if args.enable_grpc else (args.http_port,):
+            check_free(args.host, port)
         models = load_store(args.model_store)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -61,3 +61,18 @@ def served_images(exported):
     with torch.no_grad():
         probabilities = torch.softmax(model(inputs).double(), dim=1).numpy()
     return [png(image[0].numpy()) for image in images], probabilities, spec["class_names"]
+
+
+@pytest.fixture(scope="session")
+def served_inputs(exported):
+    """The same 24 test images normalized as training does: float32 (24, C, H, W), what an Open Inference
+    Protocol client sends as the FP32 `input`."""
+    import json
+
+    from export.run import load_run_data
+    from training.loop import normalize, per_channel
+
+    out_dir, _ = exported
+    spec = json.loads((out_dir / "spec.json").read_text())
+    images = load_run_data(out_dir)[0].test.images[:24]  # the run's own test split, as served_images
+    return normalize(images, per_channel(spec["mean"]), per_channel(spec["std"])).numpy()
