@@ -6,7 +6,11 @@ requests/s, p50/p99 latency and errors at concurrency 1, 8 and 32 for
   /predictions/NAME-torchscript          the kit's TorchScript archive,
   /predictions/NAME-baseline             the same model behind a handler written the way
                                          TorchServe's MNIST example is (bench/baseline/),
-each backend's ratio to the baseline, and served requests/s as a fraction of in-process ONNX
+  /v2/models/NAME/infer                  the Open Inference Protocol (binary tensor extension) on
+                                         TorchServe, and on KServe's ModelServer (make serve-kserve)
+                                         in binary, JSON, and binary with 16 images per request
+                                         (bench/oip_engines.py),
+each backend's ratio to the baseline, and served images/s as a fraction of in-process ONNX
 Runtime throughput at the served batch size (the limit for this model on this machine).
 
 Needs `make train export` first (artifacts/NAME, model_store/NAME*.mar) and wrk (Debian package).
@@ -32,9 +36,10 @@ import yaml
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
 import harness  # noqa: E402
+from oip_engines import Target, oip_target, start_kserve  # noqa: E402
 
 from export.archive import ARCHIVER  # noqa: E402
 from export.parity import onnxruntime_runner  # noqa: E402
@@ -46,7 +51,8 @@ from training.models import architecture, conv_bn  # noqa: E402
 CONCURRENCY = (1, 8, 32)
 LUA = """
 local f = io.open(os.getenv("WRK_BODY"), "rb"); wrk.body = f:read("*a"); f:close()
-wrk.method = "POST"; wrk.headers["Content-Type"] = "image/png"
+wrk.method = "POST"; wrk.headers["Content-Type"] = os.getenv("WRK_CONTENT_TYPE")
+local n = os.getenv("WRK_JSON_LENGTH"); if n ~= "" then wrk.headers["Inference-Header-Content-Length"] = n end
 """
 
 
@@ -86,12 +92,13 @@ def parse_duration_ms(text: str) -> float:
     return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}[unit]
 
 
-def wrk(url: str, concurrency: int, seconds: int, body: Path | None, script: Path) -> dict:
+def wrk(target: Target, concurrency: int, seconds: int, script: Path) -> dict:
     command = ["wrk", f"-t{min(2, concurrency)}", f"-c{concurrency}", f"-d{seconds}s", "--latency", "--timeout", "10s"]
-    if body is not None:
+    if target.body is not None:
         command += ["-s", str(script)]
-    output = subprocess.run(command + [url], capture_output=True, text=True, check=True,
-                            env={"WRK_BODY": str(body or ""), "PATH": "/usr/bin:/bin"}).stdout
+    env = {"WRK_BODY": str(target.body or ""), "WRK_CONTENT_TYPE": target.content_type, "PATH": "/usr/bin:/bin",
+           "WRK_JSON_LENGTH": target.headers.get("Inference-Header-Content-Length", "")}
+    output = subprocess.run(command + [target.url], capture_output=True, text=True, check=True, env=env).stdout
     if "Latency Distribution" not in output:
         raise RuntimeError(f"unexpected wrk output:\n{output}")
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
@@ -104,6 +111,11 @@ def wrk(url: str, concurrency: int, seconds: int, body: Path | None, script: Pat
         "errors": (int(non_2xx.group(1)) if non_2xx else 0)
                   + (sum(map(int, socket_errors.groups())) if socket_errors else 0),
     }
+
+
+def model_config_batch(archive: Path) -> int:
+    return int(yaml.safe_load(subprocess.run(["unzip", "-p", str(archive), "model-config.yaml"], capture_output=True,
+                                             text=True, check=True).stdout)["batchSize"])
 
 
 def in_process_onnxruntime(model_file: Path, image: np.ndarray, batch_size: int, seconds: float = 5) -> float:
@@ -147,32 +159,44 @@ def main() -> int:
         baseline_archive(out_dir, store, baseline)
         script = scratch / "post.lua"
         script.write_text(LUA)
-        targets = [("/ping", "/ping", None), (f"{args.name} (onnxruntime)", f"/predictions/{args.name}", image_path),
-                   (f"{args.name}-torchscript", f"/predictions/{args.name}-torchscript", image_path),
-                   (f"{baseline} (example style)", f"/predictions/{baseline}", image_path)]
         server = harness.start(store, scratch / "ts", [args.name, f"{args.name}-torchscript", baseline])
+        predictions = f"{server.inference}/predictions/"
+        targets = [Target("/ping", f"{server.inference}/ping"),
+                   Target(f"{args.name} (onnxruntime)", predictions + args.name, image_path),
+                   Target(f"{args.name}-torchscript", f"{predictions}{args.name}-torchscript", image_path),
+                   Target(f"{baseline} (example style)", predictions + baseline, image_path),
+                   oip_target("torchserve OIP binary", f"{server.inference}/v2/models/{args.name}/infer",
+                              image_path.read_bytes(), 1, True, scratch)]
+        stop_kserve = None
         try:
+            kserve_targets, stop_kserve = start_kserve(args.name, archives, image_path.read_bytes(), scratch,
+                                                       model_config_batch(archives[0]))
+            targets += kserve_targets
             results = {}
-            for label, path, body in targets:
-                wrk(server.inference + path, 8, 1, body, script)  # warm-up
+            for target in targets:
+                wrk(target, 8, 1, script)  # warm-up
                 for concurrency in CONCURRENCY:
-                    results[label, concurrency] = wrk(server.inference + path, concurrency, args.seconds, body, script)
+                    results[target.label, concurrency] = wrk(target, concurrency, args.seconds, script)
         finally:
             server.stop()
+            if stop_kserve is not None:
+                stop_kserve()
         served_config = yaml.safe_load(subprocess.run(["unzip", "-p", str(archives[0]), "model-config.yaml"],
                                                       capture_output=True, text=True, check=True).stdout)
+        images = {target.label: target.images for target in targets}
         ceiling = in_process_onnxruntime(out_dir / "model.onnx", normalized, served_config["batchSize"])
 
     print(f"machine: {torch.get_num_threads()} cores, model {spec['arch']} {spec['input']}, "
           f"served batchSize {served_config['batchSize']}, maxBatchDelay {served_config['maxBatchDelay']} ms, "
           f"wrk {args.seconds:g} s per row")
-    print(f"{'target':<34}{'conc':>5}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}{'x baseline':>12}"
-          f"{'of ceiling':>12}")
+    print(f"{'target':<34}{'conc':>5}{'req/s':>10}{'img/s':>8}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"
+          f"{'x baseline':>12}{'of ceiling':>12}")
     for (label, concurrency), row in results.items():
-        base = results[(targets[3][0], concurrency)]["requests_per_second"]
-        ratio = f"{row['requests_per_second'] / base:.1f}x" if label != targets[0][0] else ""
-        share = f"{row['requests_per_second'] / ceiling:.0%}" if label != targets[0][0] else ""
-        print(f"{label:<34}{concurrency:>5}{row['requests_per_second']:>10.0f}{row['p50_ms']:>9.2f}"
+        base = results[(targets[3].label, concurrency)]["requests_per_second"]
+        rate = row["requests_per_second"] * images[label]  # images/s
+        ratio = f"{rate / base:.1f}x" if label != targets[0].label else ""
+        share = f"{rate / ceiling:.0%}" if label != targets[0].label else ""
+        print(f"{label:<34}{concurrency:>5}{row['requests_per_second']:>10.0f}{rate:>8.0f}{row['p50_ms']:>9.2f}"
               f"{row['p99_ms']:>9.2f}{row['errors']:>8}{ratio:>12}{share:>12}")
     print(f"in-process ONNX Runtime at batch {served_config['batchSize']} (the ceiling): {ceiling:.0f} images/s")
     return 0

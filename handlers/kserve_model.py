@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import socket
 import sys
 import tempfile
@@ -158,7 +159,8 @@ class LoopbackGRPCServer(GRPCServer):
 
         self._server = aio.server(
             futures.ThreadPoolExecutor(max_workers=max_workers),
-            interceptors=(LoggingInterceptor(), ExceptionToStatusInterceptor()),
+            interceptors=((LoggingInterceptor(),) if self._kwargs.get("log_requests") else ())
+            + (ExceptionToStatusInterceptor(),),
             options=[("grpc.max_send_message_length", self._kwargs.get("grpc_max_send_message_length")),
                      ("grpc.max_receive_message_length", self._kwargs.get("grpc_max_receive_message_length")),
                      ("grpc.so_reuseport", 0)])  # else a second server on the same port shares its traffic
@@ -170,6 +172,13 @@ class LoopbackGRPCServer(GRPCServer):
         log.info("gRPC listening on %s", address)
         await self._server.start()
         await self._server.wait_for_termination()
+
+
+class KitRESTServer(RESTServer):
+    def _add_middlewares(self, app):
+        # KServe's only middleware times each request (getrusage twice) to log it: skipped when not logging.
+        if model_server.args.log_requests:
+            super()._add_middlewares(app)
 
 
 async def invalid_body(_, error: RequestValidationError) -> JSONResponse:
@@ -191,7 +200,7 @@ class KitModelServer(model_server.ModelServer):
     def start(self, models: list[kserve.Model]) -> None:
         # KServe's start() with the address set: its RESTServer hard-codes host 0.0.0.0 in uvicorn's config.
         self._register_and_check_atleast_one_model_is_ready(models)
-        self._rest_server = RESTServer(
+        self._rest_server = KitRESTServer(
             model_server.FASTAPI_APP_IMPORT_STRING, self.dataplane, self.model_repository_extension,
             self.http_port, access_log_format=self.access_log_format, grace_period=self.grace_period,
             event_loop=self.event_loop, timeout_keep_alive=self.timeout_keep_alive,
@@ -259,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_store", type=Path, default=Path("model_store"), help="folder of .mar archives")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on, REST and gRPC (%(default)s)")
+    p.add_argument("--log_requests", type=lambda x: x.lower() in ("1", "true", "yes"), default=False,
+                   help="log a line per request (uvicorn's access log, KServe's timings) (%(default)s)")
     p.set_defaults(http_port=8085, grpc_port=8086, enable_latency_logging=False)
     args = p.parse_args(argv)
     if args.workers != 1:
@@ -270,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
                             enable_latency_logging=args.enable_latency_logging,
                             access_log_format=args.access_log_format, event_loop=args.event_loop,
                             timeout_keep_alive=args.timeout_keep_alive)  # configures KServe's logging
+    if not args.log_requests:  # 3-4 lines per request, which cost more time than the model here
+        for name in ("uvicorn.access", "kserve.trace"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     try:
         for port in (args.http_port, args.grpc_port) if args.enable_grpc else (args.http_port,):
             check_free(args.host, port)
