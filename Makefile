@@ -6,6 +6,7 @@
 #   make export                TorchScript + ONNX, parity gate, archives in model_store/ (NAME=...)
 #   make serve                 TorchServe on 127.0.0.1:8080 in the foreground (Ctrl-C stops it)
 #   make serve-kserve          KServe's ModelServer (Open Inference Protocol): HTTP 127.0.0.1:8085, gRPC :8086
+#   make kserve-store          kserve-store/ (config/ + model-store/) for KServe's TorchServe runtime (deploy/kserve/)
 #   make samples               a few test images as PNG files in samples/, to send to the server
 #   make predict IMAGE=samples/0-ankle-boot.png   ask the running server (MODEL_NAME=...)
 #   make demo                  the demo page on http://127.0.0.1:8090/ (while make serve runs); opens nothing
@@ -30,7 +31,7 @@ IMAGE ?=
 MODEL_NAME ?= $(NAME)
 MODEL_STORE ?= model_store
 
-.PHONY: venv data java browser train export serve serve-kserve samples predict demo report test docker-offline image-size \
+.PHONY: venv data java browser train export serve serve-kserve kserve-store samples predict demo report test docker-offline image-size \
         bench bench-train bench-export bench-serve lint clean help
 
 help:
@@ -107,6 +108,13 @@ serve-kserve: venv
 	@ls $(MODEL_STORE)/*.mar >/dev/null 2>&1 || { echo "error: no archives in $(MODEL_STORE)/: run make train export first" >&2; exit 1; }
 	$(PY) -m handlers.kserve_model --model_store $(MODEL_STORE) --http_port $(KSERVE_HTTP_PORT) \
 	  --grpc_port $(KSERVE_GRPC_PORT) $(KSERVE_ARGS)
+
+KSERVE_STORE ?= kserve-store
+KSERVE_BACKENDS ?= torchscript
+
+# The storage layout KServe's TorchServe runtime expects (deploy/kserve/torchserve.yaml), from model_store/.
+kserve-store: venv
+	$(PY) -m export.kserve_store --model-store $(MODEL_STORE) --out $(KSERVE_STORE) --backends $(KSERVE_BACKENDS)
 
 DEMO_PORT ?= 8090
 DEMO_ARGS ?=

@@ -263,7 +263,8 @@ def check_free(host: str, port: int) -> None:
                             "KSERVE_GRPC_PORT=...)") from None
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """KServe's own ModelServer options (its parser is the parent) and the kit's."""
     p = argparse.ArgumentParser(prog="python -m handlers.kserve_model", parents=[model_server.parser],
                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_store", type=Path, default=Path("model_store"), help="folder of .mar archives")
@@ -271,6 +272,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log_requests", type=lambda x: x.lower() in ("1", "true", "yes"), default=False,
                    help="log a line per request (uvicorn's access log, KServe's timings) (%(default)s)")
     p.set_defaults(http_port=8085, grpc_port=8086, enable_latency_logging=False)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
     args = p.parse_args(argv)
     if args.workers != 1:
         p.error("--workers must be 1: KServe would pickle the loaded models into new processes")

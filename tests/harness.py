@@ -104,12 +104,13 @@ class TorchServe:
 
 
 def start(model_store: Path, workdir: Path, models: list[str], extra_config: str = "",
-          timeout: float = 120) -> TorchServe:
-    """Starts TorchServe on free loopback ports and waits until `models` are ready."""
+          timeout: float = 120, config_file: Path = ROOT / "config.properties") -> TorchServe:
+    """Starts TorchServe on free loopback ports and waits until `models` are ready. `config_file`
+    gives every setting but the addresses and the model store."""
     workdir.mkdir(parents=True, exist_ok=True)
     ports = free_ports(5)
     urls = {key: f"http://127.0.0.1:{port}" for key, port in zip(ADDRESS_KEYS, ports)}
-    lines = [line for line in (ROOT / "config.properties").read_text().splitlines()
+    lines = [line for line in config_file.read_text().splitlines()
              if not line.startswith(ADDRESS_KEYS + ("grpc_", "model_store="))]
     lines += [f"{key}={url}" for key, url in urls.items()]
     lines += [f"grpc_inference_port={ports[3]}", f"grpc_management_port={ports[4]}",

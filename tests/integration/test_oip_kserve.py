@@ -200,3 +200,14 @@ def test_listens_on_loopback_only(kserve):
         port = int(url.rsplit(":", 1)[1])
         with pytest.raises(OSError):
             socket.create_connection((address, port), timeout=2).close()
+
+
+def test_the_probes_of_the_kubernetes_manifest_answer(kserve):
+    """deploy/kserve/kit-modelserver.yaml's readiness and liveness paths, on the same server."""
+    import yaml
+    from helpers import ROOT
+
+    container = yaml.safe_load((ROOT / "deploy" / "kserve" / "kit-modelserver.yaml").read_text())[
+        "spec"]["predictor"]["containers"][0]
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert harness.http("GET", kserve.http + container[probe]["httpGet"]["path"])[0] == 200
