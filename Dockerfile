@@ -1,5 +1,7 @@
 # The serving image: TorchServe + the kit's handlers, serving the archives mounted at
-# /home/serve/model_store. Built by `docker compose up --build` (see docker-compose.yml).
+# /home/serve/model_store (the default command); or the same archives on KServe's ModelServer, the
+# Open Inference Protocol over REST and gRPC (command `serve-kserve`: docker-compose.yml's kserve
+# service, deploy/kserve/kit-modelserver.yaml). Built by `docker compose up --build`.
 #
 # BASE_IMAGE: any Debian bookworm image. The default, python:3.11-slim-bookworm, needs a
 # registry; `make docker-offline` imports a local Debian base instead and writes it to .env.
@@ -24,10 +26,12 @@ RUN python3 -m venv /opt/venv \
       /opt/venv/bin/pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu \
         -r /build/requirements-serve.txt; \
     fi \
- # What serving never uses: C++ headers, CMake files, static libraries, pip itself.
+ # What serving never uses: C++ headers, CMake files, static libraries, pip itself, the Kubernetes
+ # client's asyncio copy (kserve imports only kubernetes.client, 68 MB), pandas' own tests.
  && site=/opt/venv/lib/python3.11/site-packages \
  && rm -rf $site/torch/include $site/torch/share $site/torch/lib/*.a \
            $site/pip $site/setuptools $site/wheel $site/*.dist-info/RECORD.jws \
+           $site/kubernetes/aio $site/pandas/tests \
  && find /opt/venv -name "*.pyc" -path "*/tests/*" -delete
 
 # ---- stage 2: the runtime: a JRE, the same Python, the venv; no compilers, no caches
@@ -40,8 +44,13 @@ RUN python_packages=$(python3 -c "import sys" 2>/dev/null || echo python3) \
  && useradd --system --uid 10001 --create-home --home-dir /home/serve --shell /usr/sbin/nologin serve
 COPY --from=venv /opt/venv /opt/venv
 COPY config.properties docker/log4j2.xml docker/healthcheck.py /home/serve/
+# serve-kserve runs python -m handlers.kserve_model from /opt/kit; TorchServe's workers use the
+# handlers inside each archive instead.
+COPY handlers/ /opt/kit/handlers/
+COPY docker/serve-kserve /opt/venv/bin/serve-kserve
 # Inside its own network namespace the server listens on all interfaces; compose publishes
-# only 8080 and 8082. Logs go to stdout (log4j2.xml), unpacked archives to /tmp.
+# only 8080 and 8082 (TorchServe), 8085 and 8086 (serve-kserve). Logs go to stdout (log4j2.xml),
+# unpacked archives to /tmp.
 ENV PATH=/opt/venv/bin:$PATH \
     TS_INFERENCE_ADDRESS=http://0.0.0.0:8080 \
     TS_METRICS_ADDRESS=http://0.0.0.0:8082 \
@@ -50,6 +59,6 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1
 USER serve
 WORKDIR /home/serve
-EXPOSE 8080 8082
+EXPOSE 8080 8082 8085 8086
 CMD ["torchserve", "--start", "--foreground", "--ncs", "--ts-config", "/home/serve/config.properties", \
      "--model-store", "/home/serve/model_store", "--log-config", "/home/serve/log4j2.xml"]

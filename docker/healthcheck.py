@@ -5,7 +5,11 @@ loaded their models; a request then gets a 503. This check also asks the managem
 container's loopback) that every model has at least one READY worker, so `docker compose up
 --wait`, `depends_on: service_healthy` and load balancers only send traffic that will be answered.
 
+With --oip URL it checks the kit's KServe ModelServer instead (serve-kserve): /v2/health/ready, and
+/v2/models/<name>/ready for every model of /v2/models.
+
 Run: python3 healthcheck.py [--inference URL] [--management URL]   exit 0 healthy, 1 not (and why)
+     python3 healthcheck.py --oip http://127.0.0.1:8085
 Standard library only: it runs in the serving image with nothing else installed.
 """
 
@@ -47,13 +51,32 @@ def problems(inference: str, management: str, timeout: float) -> list[str]:
     return found
 
 
+def oip_problems(url: str, timeout: float) -> list[str]:
+    """What keeps an Open Inference Protocol server from answering; empty when it is healthy."""
+    try:
+        if not get_json(f"{url}/v2/health/ready", timeout).get("ready"):
+            return ["/v2/health/ready says not ready"]
+        models = get_json(f"{url}/v2/models", timeout)["models"]
+        ready = {name: get_json(f"{url}/v2/models/{urllib.parse.quote(name, safe='')}/ready", timeout).get("ready")
+                 for name in models}
+    except (OSError, ValueError, KeyError) as error:
+        return [f"{url} failed: {error}"]
+    if not models:
+        return ["no model is served"]
+    return [f"{name}: not ready" for name, is_ready in ready.items() if not is_ready]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--inference", default="http://127.0.0.1:8080", help="inference API (%(default)s)")
     p.add_argument("--management", default="http://127.0.0.1:8081", help="management API (%(default)s)")
+    p.add_argument("--oip", metavar="URL", help="check this Open Inference Protocol server instead (serve-kserve)")
     p.add_argument("--timeout", type=float, default=3, help="seconds per request (%(default)s)")
     args = p.parse_args()
-    found = problems(args.inference.rstrip("/"), args.management.rstrip("/"), args.timeout)
+    if args.oip:
+        found = oip_problems(args.oip.rstrip("/"), args.timeout)
+    else:
+        found = problems(args.inference.rstrip("/"), args.management.rstrip("/"), args.timeout)
     print("unhealthy: " + "; ".join(found) if found else "healthy")
     return 1 if found else 0
 

@@ -1,4 +1,5 @@
-"""`docker compose up` for real: build the image, serve the session's archives, check over HTTP.
+"""`docker compose up` for real: build the image, serve the session's archives, check over HTTP; the
+kserve profile's service (the same image on KServe's ModelServer) over the Open Inference Protocol.
 
 Needs a Docker engine with Compose v2. Where none runs and this is root with apt (CI here), the
 fixture prepares one with docker/prepare-offline.sh (the same script as `make docker-offline`)
@@ -17,13 +18,16 @@ import time
 from pathlib import Path
 
 import harness
+import numpy as np
 import pytest
 from helpers import ROOT
 from served import BAD_INPUTS, assert_matches_eager
+from tritonclient.utils import InferenceServerException
 
 pytestmark = pytest.mark.docker
 PROJECT = "kit-e2e"
 MODELS = ("fmnist", "fmnist-torchscript")
+PROFILE = ("--profile", "kserve")  # both services: torchserve and kserve
 
 
 def run(*command: str, env: dict | None = None, timeout: float = 600,
@@ -69,9 +73,9 @@ def compose(*args: str, env: dict, timeout: float = 900, check: bool = True) -> 
     return run("docker", "compose", "-p", PROJECT, *args, env=env, timeout=timeout, check=check)
 
 
-def container_health(env: dict) -> tuple[str, str, str]:
-    """(status, health, container id) of the torchserve service's container."""
-    container = compose("ps", "-q", "torchserve", env=env).stdout.strip()
+def container_health(env: dict, service: str = "torchserve") -> tuple[str, str, str]:
+    """(status, health, container id) of a service's container."""
+    container = compose(*PROFILE, "ps", "-q", service, env=env).stdout.strip()
     state = json.loads(run("docker", "inspect", container).stdout)[0]["State"]
     return state["Status"], state.get("Health", {}).get("Status", ""), container
 
@@ -94,6 +98,15 @@ def wait_until_answering(url: str, env: dict, probe: bytes, timeout: float = 120
     raise TimeoutError(compose("logs", "--tail", "80", env=env, check=False).stdout)
 
 
+def wait_until_healthy(env: dict, service: str, timeout: float = 120) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if container_health(env, service)[:2] == ("running", "healthy"):
+            return time.monotonic() - started
+        time.sleep(0.5)
+    raise TimeoutError(compose(*PROFILE, "logs", "--tail", "80", service, env=env, check=False).stdout)
+
+
 @pytest.fixture(scope="module")
 def stack(engine, exported, served_images):
     """The compose stack built and up, serving the session's archives on free host ports."""
@@ -103,24 +116,26 @@ def stack(engine, exported, served_images):
     for archive in model_store.glob("*.mar"):
         shutil.copy(archive, store / archive.name)
         (store / archive.name).chmod(0o644)
-    inference_port, metrics_port = harness.free_ports(2)
+    inference_port, metrics_port, oip_http_port, oip_grpc_port = harness.free_ports(4)
     env = {**os.environ, "MODEL_STORE": str(store), "INFERENCE_PORT": str(inference_port),
-           "METRICS_PORT": str(metrics_port)}
+           "METRICS_PORT": str(metrics_port), "OIP_HTTP_PORT": str(oip_http_port), "OIP_GRPC_PORT": str(oip_grpc_port)}
     try:
         build_started = time.monotonic()
         compose("build", env=env)
         build_seconds = time.monotonic() - build_started
         up_started = time.monotonic()
-        compose("up", "-d", env=env)
+        compose(*PROFILE, "up", "-d", env=env)
         url = f"http://127.0.0.1:{inference_port}"
         wait_until_answering(url, env, served_images[0][0])
         seconds_to_healthy = time.monotonic() - up_started
+        kserve_seconds = wait_until_healthy(env, "kserve") + seconds_to_healthy
         image = json.loads(run("docker", "image", "inspect", "image-classifier-serving:cpu").stdout)[0]
         print(f"\nimage build {build_seconds:.0f} s, size {image['Size'] / 1e9:.2f} GB; "
-              f"docker compose up -> healthy in {seconds_to_healthy:.1f} s")
-        yield {"env": env, "url": url, "metrics": f"http://127.0.0.1:{metrics_port}"}
+              f"docker compose up -> healthy in {seconds_to_healthy:.1f} s (kserve: at most {kserve_seconds:.1f} s)")
+        yield {"env": env, "url": url, "metrics": f"http://127.0.0.1:{metrics_port}",
+               "oip_http": f"127.0.0.1:{oip_http_port}", "oip_grpc": f"127.0.0.1:{oip_grpc_port}"}
     finally:
-        compose("down", "-v", "--remove-orphans", env=env, check=False)
+        compose(*PROFILE, "down", "-v", "--remove-orphans", env=env, check=False)
         shutil.rmtree(store, ignore_errors=True)
 
 
@@ -180,3 +195,51 @@ def test_service_recovers_after_torchserve_is_killed(stack, served_images):
     status, body, _ = harness.predict(stack["url"], "fmnist", pngs[0], "image/png")
     assert status == 200
     assert_matches_eager(body, probabilities[0], class_names)
+
+
+# ---------------------------------------------------------------------------- the Open Inference Protocol
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+@pytest.mark.parametrize("model", MODELS)
+def test_kserve_service_answers_standard_clients_as_in_process_eager(stack, served_images, protocol, model):
+    import tritonclient.grpc as triton_grpc
+    import tritonclient.http as triton_http
+
+    pngs, probabilities, class_names = served_images
+    module = triton_grpc if protocol == "grpc" else triton_http
+    client = module.InferenceServerClient(stack["oip_grpc"] if protocol == "grpc" else stack["oip_http"])
+    assert client.is_server_ready() and client.is_model_ready(model)
+    image = module.InferInput("image", [8], "BYTES")
+    image.set_data_from_numpy(np.array(pngs[:8], dtype=object))
+    result = client.infer(model, [image])
+    served = result.as_numpy("probabilities")
+    assert np.abs(served - probabilities[:8]).max() <= 1e-4
+    assert [label.decode() for label in result.as_numpy("label")] == [
+        class_names[i] for i in probabilities[:8].argmax(axis=1)]
+    bad = module.InferInput("image", [1], "BYTES")
+    bad.set_data_from_numpy(np.array([b"not an image"], dtype=object))
+    with pytest.raises(InferenceServerException, match="image 0: not an image"):
+        client.infer(model, [bad])
+
+
+def test_torchserve_service_answers_oip_over_rest(stack, served_images):
+    import tritonclient.http as triton_http
+
+    pngs, probabilities, class_names = served_images
+    client = triton_http.InferenceServerClient(stack["url"].removeprefix("http://"))
+    assert client.is_server_live() and client.is_server_ready()
+    image = triton_http.InferInput("image", [4], "BYTES")
+    image.set_data_from_numpy(np.array(pngs[:4], dtype=object))
+    served = client.infer("fmnist", [image]).as_numpy("probabilities")
+    assert np.abs(served - probabilities[:4]).max() <= 1e-4
+
+
+def test_kserve_service_runs_as_non_root_and_publishes_only_its_inference_ports(stack):
+    env = stack["env"]
+    _, _, container = container_health(env, "kserve")
+    listing = run("docker", "top", container, "-eo", "pid,uid,comm").stdout.splitlines()[1:]
+    processes = [line.split()[1:] for line in listing]
+    assert ["10001", "python3"] in [[uid, command] for uid, command in processes]  # the image's user
+    assert all(uid != "0" for uid, _ in processes), processes
+    published = json.loads(run("docker", "inspect", container).stdout)[0]["NetworkSettings"]["Ports"]
+    assert sorted(port for port, bindings in published.items() if bindings) == ["8085/tcp", "8086/tcp"]

@@ -211,3 +211,20 @@ def test_the_probes_of_the_kubernetes_manifest_answer(kserve):
         "spec"]["predictor"]["containers"][0]
     for probe in ("readinessProbe", "livenessProbe"):
         assert harness.http("GET", kserve.http + container[probe]["httpGet"]["path"])[0] == 200
+
+
+def test_the_container_health_check_of_the_kserve_service(kserve):
+    """docker/healthcheck.py --oip: healthy with every model ready; unhealthy with nothing listening."""
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    def healthcheck(url: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(ROOT / "docker" / "healthcheck.py"), "--oip", url],
+                              capture_output=True, text=True, timeout=60)
+
+    result = healthcheck(kserve.http)
+    assert result.returncode == 0 and result.stdout.strip() == "healthy", result.stdout + result.stderr
+    result = healthcheck(f"http://127.0.0.1:{harness.free_ports(1)[0]}")
+    assert result.returncode == 1 and result.stdout.startswith("unhealthy: http://127.0.0.1:"), result.stdout
