@@ -101,13 +101,15 @@ serve: venv java
 
 KSERVE_HTTP_PORT ?= 8085
 KSERVE_GRPC_PORT ?= 8086
+KSERVE_WORKERS ?= 2
 
 # KServe's ModelServer in the foreground on loopback, serving the same archives through the same
 # pipeline with the complete Open Inference Protocol (REST and gRPC); beside make serve's ports.
+# KSERVE_WORKERS REST processes (as TorchServe's 2 workers per model), each using cores / workers threads.
 serve-kserve: venv
 	@ls $(MODEL_STORE)/*.mar >/dev/null 2>&1 || { echo "error: no archives in $(MODEL_STORE)/: run make train export first" >&2; exit 1; }
 	$(PY) -m handlers.kserve_model --model_store $(MODEL_STORE) --http_port $(KSERVE_HTTP_PORT) \
-	  --grpc_port $(KSERVE_GRPC_PORT) $(KSERVE_ARGS)
+	  --grpc_port $(KSERVE_GRPC_PORT) --workers $(KSERVE_WORKERS) $(KSERVE_ARGS)
 
 KSERVE_STORE ?= kserve-store
 KSERVE_BACKENDS ?= torchscript

@@ -49,15 +49,18 @@ def oip_target(label: str, url: str, image: bytes, count: int, binary: bool, fol
     return Target(label, url, body, content_type, headers, count)
 
 
-def start_kserve(name: str, archives: list[Path], image: bytes, scratch: Path, batch: int):
-    """KServe's ModelServer serving `archives` (the kit's own); returns (its targets, stop)."""
-    store = scratch / "kserve-store"
-    store.mkdir()
+def start_kserve(name: str, archives: list[Path], image: bytes, scratch: Path, batch: int, workers: int):
+    """KServe's ModelServer with `workers` REST processes serving `archives` (the kit's own); returns
+    (its targets, stop). With 2 processes: binary, JSON and `batch` images per request; with 1: binary."""
+    folder = scratch / f"kserve-{workers}"
+    (folder / "store").mkdir(parents=True)
     for archive in archives:
-        shutil.copy(archive, store)
-    server = harness.start_kserve(store, scratch / "kserve", [name])
+        shutil.copy(archive, folder / "store")
+    server = harness.start_kserve(folder / "store", folder, [name], extra_args=("--workers", str(workers)))
     url = f"{server.http}/v2/models/{name}/infer"
-    targets = [oip_target("kserve OIP binary", url, image, 1, True, scratch),
-               oip_target("kserve OIP JSON", url, image, 1, False, scratch),
-               oip_target(f"kserve OIP binary, {batch} img/req", url, image, batch, True, scratch)]
+    label = f"kserve {workers} proc OIP"
+    targets = [oip_target(f"{label} binary", url, image, 1, True, folder)]
+    if workers > 1:
+        targets += [oip_target(f"{label} JSON", url, image, 1, False, folder),
+                    oip_target(f"{label} bin {batch} img/req", url, image, batch, True, folder)]
     return targets, server.stop

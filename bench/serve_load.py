@@ -8,13 +8,13 @@ requests/s, p50/p99 latency and errors at concurrency 1, 8 and 32 for
                                          TorchServe's MNIST example is (bench/baseline/),
   /v2/models/NAME/infer                  the Open Inference Protocol (binary tensor extension) on
                                          TorchServe, and on KServe's ModelServer (make serve-kserve)
-                                         in binary, JSON, and binary with 16 images per request
-                                         (bench/oip_engines.py),
+                                         with 2 REST processes (binary, JSON, and binary with 16 images
+                                         per request) and with 1 (binary) (bench/oip_engines.py),
 each backend's ratio to the baseline, and served images/s as a fraction of in-process ONNX
 Runtime throughput at the served batch size (the limit for this model on this machine).
 
 Needs `make train export` first (artifacts/NAME, model_store/NAME*.mar) and wrk (Debian package).
-Run: make bench-serve   (about 3 minutes; every wrk run is bounded by --seconds)
+Run: make bench-serve   (about 5 minutes; every wrk run is bounded by --seconds)
 """
 
 from __future__ import annotations
@@ -167,11 +167,13 @@ def main() -> int:
                    Target(f"{baseline} (example style)", predictions + baseline, image_path),
                    oip_target("torchserve OIP binary", f"{server.inference}/v2/models/{args.name}/infer",
                               image_path.read_bytes(), 1, True, scratch)]
-        stop_kserve = None
+        stops = []
         try:
-            kserve_targets, stop_kserve = start_kserve(args.name, archives, image_path.read_bytes(), scratch,
-                                                       model_config_batch(archives[0]))
-            targets += kserve_targets
+            for workers in (2, 1):  # as make serve-kserve runs it; as KServe does by default (one pod, 1 CPU)
+                kserve_targets, stop = start_kserve(args.name, archives, image_path.read_bytes(), scratch,
+                                                    model_config_batch(archives[0]), workers)
+                stops.append(stop)
+                targets += kserve_targets
             results = {}
             for target in targets:
                 wrk(target, 8, 1, script)  # warm-up
@@ -179,8 +181,8 @@ def main() -> int:
                     results[target.label, concurrency] = wrk(target, concurrency, args.seconds, script)
         finally:
             server.stop()
-            if stop_kserve is not None:
-                stop_kserve()
+            for stop in stops:
+                stop()
         served_config = yaml.safe_load(subprocess.run(["unzip", "-p", str(archives[0]), "model-config.yaml"],
                                                       capture_output=True, text=True, check=True).stdout)
         images = {target.label: target.images for target in targets}

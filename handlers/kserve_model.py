@@ -10,7 +10,8 @@ is the thin adapter, the counterpart of torchserve_handler.py; the rest is KServ
 three changes that say why where they are made: it listens on one address (--host, loopback by
 default; KServe binds every interface), the model metadata names the platform, and REST requests
 with binary BYTES data (tritonclient's default) are decoded by the kit's codec.
-Every option of KServe's ModelServer (--workers excepted: 1) works here too: see --help.
+Every option of KServe's ModelServer works here too (see --help); with --workers N, N processes answer REST,
+each loading the archives itself, and the first one gRPC.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ try:
     from kserve.protocol.grpc.server import GRPCServer
     from kserve.protocol.grpc.servicer import InferenceServicer
     from kserve.protocol.infer_type import InferInput, InferOutput, InferRequest, InferResponse, RequestedOutput
+    from kserve.protocol.rest.multiprocess.server import RESTServerMultiProcess
     from kserve.protocol.rest.server import RESTServer
 finally:
     sys.argv = _argv
@@ -67,10 +69,25 @@ class UserError(Exception):
 class ArchivedClassifier(kserve.Model):
     """One archive's classifier behind the Open Inference Protocol."""
 
-    def __init__(self, name: str, version: str, backend: str, classifier: Classifier):
+    def __init__(self, name: str, version: str, archive: Path, workers: int = 1, backend: str = "",
+                 classifier: Classifier | None = None):
         super().__init__(name)
-        self.version, self.backend, self.classifier = version, backend, classifier
+        self.version, self.archive, self.workers = version, archive, workers
+        self.backend, self.classifier = backend, classifier
+        self.ready = classifier is not None
+
+    def load(self) -> bool:
+        if self.classifier is None:
+            _, settings, self.classifier = read_archive(self.archive, self.workers)
+            self.backend = settings.backend
         self.ready = True
+        return self.ready
+
+    def __reduce__(self):
+        # KServe's --workers pickles the models into its REST processes, and an ONNX Runtime session does
+        # not pickle: each process gets the archive's name and loads it (KitRESTServer.run) once it
+        # answers KServe's liveness pings, which a load inside unpickling would hold up past their 5 s.
+        return ArchivedClassifier, (self.name, self.version, self.archive, self.workers)
 
     def get_input_types(self) -> list[dict]:
         return oip.inputs_metadata(self.classifier.spec)
@@ -175,10 +192,26 @@ class LoopbackGRPCServer(GRPCServer):
 
 
 class KitRESTServer(RESTServer):
+    """KServe's REST server (also what each --workers process runs) with the kit's changes."""
+
+    def __init__(self, *args, log_requests: bool, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.log_requests = log_requests
+
+    def run(self, sockets=None):  # the entry point of each --workers process
+        for model in self.dataplane.model_registry.get_models().values():
+            if not model.ready:
+                model.load()
+        super().run(sockets)
+
     def _add_middlewares(self, app):
         # KServe's only middleware times each request (getrusage twice) to log it: skipped when not logging.
-        if model_server.args.log_requests:
+        if self.log_requests:
             super()._add_middlewares(app)
+
+    def _add_exception_handlers(self, app):
+        super()._add_exception_handlers(app)
+        app.add_exception_handler(RequestValidationError, invalid_body)
 
 
 async def invalid_body(_, error: RequestValidationError) -> JSONResponse:
@@ -189,25 +222,32 @@ async def invalid_body(_, error: RequestValidationError) -> JSONResponse:
 
 
 class KitModelServer(model_server.ModelServer):
-    """KServe's ModelServer listening on `host` only, with the kit's data plane. One process (its
-    --workers would pickle the ONNX Runtime sessions into new processes)."""
+    """KServe's ModelServer listening on `host` only, with the kit's data plane and REST server."""
 
-    def __init__(self, host: str, **kwargs):
+    def __init__(self, host: str, log_requests: bool = False, **kwargs):
         super().__init__(**kwargs)
-        self.host = host
+        self.host, self.log_requests = host, log_requests
         self.dataplane = KitDataPlane(model_registry=self.registered_models)
 
     def start(self, models: list[kserve.Model]) -> None:
         # KServe's start() with the address set: its RESTServer hard-codes host 0.0.0.0 in uvicorn's config.
         self._register_and_check_atleast_one_model_is_ready(models)
-        self._rest_server = KitRESTServer(
+        rest = KitRESTServer(
             model_server.FASTAPI_APP_IMPORT_STRING, self.dataplane, self.model_repository_extension,
-            self.http_port, access_log_format=self.access_log_format, grace_period=self.grace_period,
-            event_loop=self.event_loop, timeout_keep_alive=self.timeout_keep_alive,
-            ssl_certfile=self.ssl_certfile, ssl_keyfile=self.ssl_keyfile)
-        self._rest_server.config.host = self.host
-        model_server.app.add_exception_handler(RequestValidationError, invalid_body)
-        self.servers.append(self._rest_server.start())
+            self.http_port, access_log_format=self.access_log_format, workers=self.workers,
+            grace_period=self.grace_period, event_loop=self.event_loop, timeout_keep_alive=self.timeout_keep_alive,
+            ssl_certfile=self.ssl_certfile, ssl_keyfile=self.ssl_keyfile, log_requests=self.log_requests)
+        rest.config.host = self.host
+        if self.workers > 1:  # KServe's multi-process server: it binds the socket, its processes run `rest`
+            self._rest_multiprocess_server = RESTServerMultiProcess(
+                model_server.FASTAPI_APP_IMPORT_STRING, self.dataplane, self.model_repository_extension,
+                self.http_port, workers=self.workers, grace_period=self.grace_period,
+                log_config_file=model_server.args.log_config_file)
+            self._rest_multiprocess_server._rest_server = rest
+            self.servers.append(self._rest_multiprocess_server.start())
+        else:
+            self._rest_server = rest
+            self.servers.append(rest.start())
         if self.enable_grpc:
             self._grpc_server = LoopbackGRPCServer(self.host, self.grpc_port, self.dataplane,
                                                    self.model_repository_extension, kwargs=vars(model_server.args),
@@ -220,8 +260,9 @@ class KitModelServer(model_server.ModelServer):
 
 # ---------------------------------------------------------------------------- archives
 
-def load_archive(path: Path) -> ArchivedClassifier:
-    """A .mar -> its classifier, read as TorchServe reads it (manifest, model-config.yaml, spec.json)."""
+def read_archive(path: Path, workers: int) -> tuple[dict, Settings, Classifier]:
+    """A .mar -> (its manifest, its handler settings, its classifier), read as TorchServe reads it
+    (MAR-INF/MANIFEST.json, model-config.yaml, spec.json); `workers` processes share the CPU cores."""
     try:
         with zipfile.ZipFile(path) as mar:
             manifest = json.loads(mar.read("MAR-INF/MANIFEST.json"))["model"]
@@ -230,20 +271,25 @@ def load_archive(path: Path) -> ArchivedClassifier:
             with tempfile.TemporaryDirectory(prefix="kit-kserve-") as scratch:  # the model is in memory after
                 mar.extract("spec.json", scratch)
                 mar.extract(settings.model_file, scratch)
-                classifier = load_classifier(Path(scratch), settings, workers=1, gpu_id=0)
+                classifier = load_classifier(Path(scratch), settings, workers=workers, gpu_id=0)
     except (OSError, KeyError, ValueError, zipfile.BadZipFile, yaml.YAMLError) as error:
         raise UserError(f"{path}: not an archive of the kit ({type(error).__name__}: {error}): "
                         "make export writes them") from None
     log.info("loaded %s (%s, %s) from %s", manifest["modelName"], settings.backend, classifier.device, path)
-    return ArchivedClassifier(manifest["modelName"], str(manifest.get("modelVersion", "1")), settings.backend,
-                              classifier)
+    return manifest, settings, classifier
 
 
-def load_store(model_store: Path) -> list[ArchivedClassifier]:
+def load_archive(path: Path, workers: int = 1) -> ArchivedClassifier:
+    manifest, settings, classifier = read_archive(path, workers)
+    return ArchivedClassifier(manifest["modelName"], str(manifest.get("modelVersion", "1")), path.resolve(),
+                              workers, settings.backend, classifier)
+
+
+def load_store(model_store: Path, workers: int = 1) -> list[ArchivedClassifier]:
     archives = sorted(model_store.glob("*.mar"))
     if not archives:
         raise UserError(f"no archives in {model_store}/: run make train export first")
-    models = [load_archive(path) for path in archives]
+    models = [load_archive(path, workers) for path in archives]
     names = [model.name for model in models]
     if len(set(names)) != len(names):
         raise UserError(f"two archives in {model_store}/ name the same model: {sorted(names)}")
@@ -278,10 +324,11 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
-    if args.workers != 1:
-        p.error("--workers must be 1: KServe would pickle the loaded models into new processes")
+    if args.workers < 1:
+        p.error("--workers must be at least 1")
     model_server.args = args  # read by KServe when it configures logging and gRPC message sizes
-    server = KitModelServer(args.host, http_port=args.http_port, grpc_port=args.grpc_port, workers=1,
+    server = KitModelServer(args.host, args.log_requests, http_port=args.http_port, grpc_port=args.grpc_port,
+                            workers=args.workers,
                             max_threads=args.max_threads, max_asyncio_workers=args.max_asyncio_workers,
                             enable_grpc=args.enable_grpc, enable_docs_url=args.enable_docs_url,
                             enable_latency_logging=args.enable_latency_logging,
@@ -293,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for port in (args.http_port, args.grpc_port) if args.enable_grpc else (args.http_port,):
             check_free(args.host, port)
-        models = load_store(args.model_store)
+        models = load_store(args.model_store, args.workers)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

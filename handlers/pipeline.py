@@ -1,7 +1,8 @@
 """The serving pipeline as plain functions: decode -> preprocess -> infer -> postprocess.
 
-Nothing here knows TorchServe; `handlers/torchserve_handler.py` adapts it. A `Classifier` is built once per
-worker from the model directory (spec.json + the serialized model + the archive's settings).
+Nothing here knows TorchServe; `handlers/torchserve_handler.py` adapts it, and `handlers/kserve_model.py`
+(KServe's ModelServer) too. A `Classifier` is built once per worker from the model directory (spec.json +
+the serialized model + the archive's settings).
 """
 
 from __future__ import annotations

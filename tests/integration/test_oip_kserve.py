@@ -26,8 +26,10 @@ PROTOCOLS = ("http-binary", "http-json", "grpc")
 
 @pytest.fixture(scope="module")
 def kserve(exported, tmp_path_factory):
+    """As `make serve-kserve` runs it: 2 REST processes (each loads the archives), gRPC in the first."""
     _, model_store = exported
-    server = harness.start_kserve(model_store, tmp_path_factory.mktemp("kserve"), list(MODELS))
+    server = harness.start_kserve(model_store, tmp_path_factory.mktemp("kserve"), list(MODELS),
+                                  extra_args=("--workers", "2"))
     yield server
     server.stop()
 
@@ -228,3 +230,18 @@ def test_the_container_health_check_of_the_kserve_service(kserve):
     assert result.returncode == 0 and result.stdout.strip() == "healthy", result.stdout + result.stderr
     result = healthcheck(f"http://127.0.0.1:{harness.free_ports(1)[0]}")
     assert result.returncode == 1 and result.stdout.startswith("unhealthy: http://127.0.0.1:"), result.stdout
+
+
+def test_one_process_as_kserve_runs_it_on_kubernetes(exported, served_images, tmp_path):
+    """KServe's default, --workers 1 (deploy/kserve/kit-modelserver.yaml): one process serves REST and gRPC;
+    Ctrl-C (SIGINT) ends it, as with 2 processes (tests/integration/test_make_serve_kserve.py)."""
+    _, model_store = exported
+    pngs, probabilities, class_names = served_images
+    server = harness.start_kserve(model_store, tmp_path, ["fmnist"])
+    try:
+        for protocol in PROTOCOLS:
+            result = client(server, protocol).infer("fmnist", [image_input(protocol, pngs[:4])])
+            assert_equal_in_process(result, probabilities[:4], class_names)
+    finally:
+        server.stop()
+    assert server.process.returncode is not None

@@ -6,6 +6,7 @@ TorchServe's own OIP gRPC service, whose bad requests must not kill a worker."""
 from __future__ import annotations
 
 import base64
+import json
 import subprocess
 import sys
 import zipfile
@@ -84,6 +85,9 @@ def test_what_torchserve_does_not_serve(server, triton):
     """Documented in the README: no model metadata or readiness over REST, no standard gRPC service."""
     for path in ("/v2/models/fmnist", "/v2/models/fmnist/ready"):
         assert harness.http("GET", server.inference + path)[0] == 404
+    assert harness.http("POST", server.inference + "/v2/models/fmnist/versions/1.0/infer", b"{}")[0] == 501
+    status, body, _ = harness.http("GET", server.inference + "/v2")
+    assert status == 200 and json.loads(body)["name"] == "Torchserve"
     with pytest.raises(InferenceServerException, match="404"):
         triton.get_model_metadata("fmnist")
     grpc_client = triton_grpc.InferenceServerClient(f"127.0.0.1:{grpc_port(server)}")
