@@ -1,23 +1,24 @@
 """The kit's archives on KServe's ModelServer: the complete Open Inference Protocol, REST and gRPC.
 
-  make serve-kserve        HTTP on 127.0.0.1:8085, gRPC on 127.0.0.1:8086; Ctrl-C stops it
-  python -m handlers.kserve_model --model_store model_store --http_port 8085 --grpc_port 8086 [--host 0.0.0.0]
+  make serve-kserve        HTTP on 127.0.0.1:8085, gRPC on 127.0.0.1:8086, 2 REST processes; Ctrl-C stops it
+  python -m handlers.kserve_model --model_store model_store --http_port 8085 --grpc_port 8086
+      [--workers N] [--host 0.0.0.0] [--log_requests true]     (and every option of KServe's: --help)
 
 Every archive (.mar) of the model store is served under its own name, read exactly as TorchServe
-reads it — spec.json, the model file and model-config.yaml's `handler:` section — and run through
-the same pipeline (handlers/pipeline.py) with the same contract (handlers/oip.py). `ArchivedClassifier`
-is the thin adapter, the counterpart of torchserve_handler.py; the rest is KServe's own server, with
-three changes that say why where they are made: it listens on one address (--host, loopback by
-default; KServe binds every interface), the model metadata names the platform, and REST requests
-with binary BYTES data (tritonclient's default) are decoded by the kit's codec.
-Every option of KServe's ModelServer works here too (see --help); with --workers N, N processes answer REST,
-each loading the archives itself, and the first one gRPC.
+reads it (MAR-INF/MANIFEST.json, model-config.yaml's `handler:` section, spec.json, the model file)
+and run through the same pipeline (handlers/pipeline.py) with the same contract (handlers/oip.py).
+`ArchivedClassifier` is the thin adapter, the counterpart of torchserve_handler.py. The rest is
+KServe's own server, changed where running it showed why (each change says so where it is made):
+one listening address instead of all interfaces, the platform in the model metadata, REST requests
+with binary BYTES data decoded by the kit's codec, the protocol's 400 for a body FastAPI cannot
+parse, gRPC outputs handed over as bytes, and --workers processes that load the archives themselves.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import socket
@@ -69,16 +70,16 @@ class UserError(Exception):
 class ArchivedClassifier(kserve.Model):
     """One archive's classifier behind the Open Inference Protocol."""
 
-    def __init__(self, name: str, version: str, archive: Path, workers: int = 1, backend: str = "",
-                 classifier: Classifier | None = None):
+    def __init__(self, name: str, version: str, archive: Path, workers: int = 1, threads: int = 0,
+                 backend: str = "", classifier: Classifier | None = None):
         super().__init__(name)
-        self.version, self.archive, self.workers = version, archive, workers
+        self.version, self.archive, self.workers, self.threads = version, archive, workers, threads
         self.backend, self.classifier = backend, classifier
         self.ready = classifier is not None
 
     def load(self) -> bool:
         if self.classifier is None:
-            _, settings, self.classifier = read_archive(self.archive, self.workers)
+            _, settings, self.classifier = read_archive(self.archive, self.workers, self.threads)
             self.backend = settings.backend
         self.ready = True
         return self.ready
@@ -87,7 +88,7 @@ class ArchivedClassifier(kserve.Model):
         # KServe's --workers pickles the models into its REST processes, and an ONNX Runtime session does
         # not pickle: each process gets the archive's name and loads it (KitRESTServer.run) once it
         # answers KServe's liveness pings, which a load inside unpickling would hold up past their 5 s.
-        return ArchivedClassifier, (self.name, self.version, self.archive, self.workers)
+        return ArchivedClassifier, (self.name, self.version, self.archive, self.workers, self.threads)
 
     def get_input_types(self) -> list[dict]:
         return oip.inputs_metadata(self.classifier.spec)
@@ -260,14 +261,17 @@ class KitModelServer(model_server.ModelServer):
 
 # ---------------------------------------------------------------------------- archives
 
-def read_archive(path: Path, workers: int) -> tuple[dict, Settings, Classifier]:
+def read_archive(path: Path, workers: int, threads: int = 0) -> tuple[dict, Settings, Classifier]:
     """A .mar -> (its manifest, its handler settings, its classifier), read as TorchServe reads it
-    (MAR-INF/MANIFEST.json, model-config.yaml, spec.json); `workers` processes share the CPU cores."""
+    (MAR-INF/MANIFEST.json, model-config.yaml, spec.json); `workers` processes share the CPU cores,
+    unless `threads` (> 0) overrides the archive's threads per process."""
     try:
         with zipfile.ZipFile(path) as mar:
             manifest = json.loads(mar.read("MAR-INF/MANIFEST.json"))["model"]
             config = yaml.safe_load(mar.read(manifest.get("configFile", "model-config.yaml"))) or {}
             settings = Settings.from_yaml(config.get("handler", {}), manifest["serializedFile"])
+            if threads > 0:
+                settings = dataclasses.replace(settings, threads=threads)
             with tempfile.TemporaryDirectory(prefix="kit-kserve-") as scratch:  # the model is in memory after
                 mar.extract("spec.json", scratch)
                 mar.extract(settings.model_file, scratch)
@@ -279,17 +283,17 @@ def read_archive(path: Path, workers: int) -> tuple[dict, Settings, Classifier]:
     return manifest, settings, classifier
 
 
-def load_archive(path: Path, workers: int = 1) -> ArchivedClassifier:
-    manifest, settings, classifier = read_archive(path, workers)
+def load_archive(path: Path, workers: int = 1, threads: int = 0) -> ArchivedClassifier:
+    manifest, settings, classifier = read_archive(path, workers, threads)
     return ArchivedClassifier(manifest["modelName"], str(manifest.get("modelVersion", "1")), path.resolve(),
-                              workers, settings.backend, classifier)
+                              workers, threads, settings.backend, classifier)
 
 
-def load_store(model_store: Path, workers: int = 1) -> list[ArchivedClassifier]:
+def load_store(model_store: Path, workers: int = 1, threads: int = 0) -> list[ArchivedClassifier]:
     archives = sorted(model_store.glob("*.mar"))
     if not archives:
         raise UserError(f"no archives in {model_store}/: run make train export first")
-    models = [load_archive(path, workers) for path in archives]
+    models = [load_archive(path, workers, threads) for path in archives]
     names = [model.name for model in models]
     if len(set(names)) != len(names):
         raise UserError(f"two archives in {model_store}/ name the same model: {sorted(names)}")
@@ -315,6 +319,9 @@ def parser() -> argparse.ArgumentParser:
                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_store", type=Path, default=Path("model_store"), help="folder of .mar archives")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on, REST and gRPC (%(default)s)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="intra-op threads per process; 0: the archive's setting, else CPU cores / --workers. "
+                        "In a container with a CPU limit, set it: os.cpu_count() there is the host's (%(default)s)")
     p.add_argument("--log_requests", type=lambda x: x.lower() in ("1", "true", "yes"), default=False,
                    help="log a line per request (uvicorn's access log, KServe's timings) (%(default)s)")
     p.set_defaults(http_port=8085, grpc_port=8086, enable_latency_logging=False)
@@ -340,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for port in (args.http_port, args.grpc_port) if args.enable_grpc else (args.http_port,):
             check_free(args.host, port)
-        models = load_store(args.model_store, args.workers)
+        models = load_store(args.model_store, args.workers, args.threads)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -117,6 +117,8 @@ def test_the_custom_predictor_runs_the_kit_server_as_kserve_expects():
     assert env["PROTOCOL"] == "v2" and "://" in env["STORAGE_URI"]
     args = parser().parse_args(container["args"])
     assert str(args.model_store) == "/mnt/models" and args.host == "0.0.0.0"  # where storageUri lands
+    cpus = predictor["containers"][0]["resources"]["limits"]["cpu"]
+    assert args.threads * args.workers == int(cpus)  # not the node's cores: os.cpu_count() in a pod
     port = container["ports"][0]["containerPort"]
     assert args.http_port == port
     assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": port}
