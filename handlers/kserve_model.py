@@ -26,11 +26,13 @@ import sys
 import tempfile
 import uuid
 import zipfile
+from concurrent import futures
 from pathlib import Path
 
 import yaml
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from grpc import aio
 
 from handlers import oip
 from handlers.image import BadImage
@@ -60,7 +62,6 @@ try:
     from kserve.protocol.rest.server import RESTServer
 finally:
     sys.argv = _argv
-
 
 
 class UserError(Exception):
@@ -171,10 +172,6 @@ class LoopbackGRPCServer(GRPCServer):
         self.host = host
 
     async def start(self, max_workers: int):
-        from concurrent import futures
-
-        from grpc import aio
-
         self._server = aio.server(
             futures.ThreadPoolExecutor(max_workers=max_workers),
             interceptors=((LoggingInterceptor(),) if self._kwargs.get("log_requests") else ())
