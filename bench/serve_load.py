@@ -68,6 +68,7 @@ wrk.method = "POST"; wrk.headers["Content-Type"] = os.getenv("WRK_CONTENT_TYPE")
 
 @dataclass(frozen=True)
 class Target:
+    key: str  # what --targets names
     label: str
     url: str  # full URL
     body: Path | None = None  # None: GET
@@ -161,7 +162,7 @@ def in_process_onnxruntime(model_file: Path, image: np.ndarray, batch_size: int,
 
 
 def other_engines(name: str, image_path: Path, scratch: Path) -> list:
-    """Serving engines of the kit other than TorchServe, as (label, start) pairs; `start()` returns
+    """Serving engines of the kit other than TorchServe, as (key, start) pairs; `start()` returns
     (Target, stop). The KServe ModelServer adapter (Open Inference Protocol issue) plugs in here:
     start it on a free loopback port with the run's artifacts and return a Target that posts the same
     image to its endpoint. None is installed in this checkout yet, so there is nothing to run."""
@@ -177,19 +178,17 @@ def main() -> int:
     p.add_argument("--name", default="fashion-mnist")
     p.add_argument("--seconds", type=int, default=5, help="duration of each wrk run, whole seconds (%(default)s)")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds; figures are medians (%(default)s)")
-    p.add_argument("--kit-only", action="store_true", help="only the kit's default archive and the no-op ceiling")
+    p.add_argument("--targets", default="all",
+                   help="comma-separated subset of noop,kit,int8,torchscript,baseline,ping,<engine> "
+                        "(noop and kit always run) (%(default)s)")
     args = p.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("error: wrk is not installed: apt-get install wrk (make bench-serve does this)")
+    wanted = None if args.targets == "all" else set(args.targets.split(",")) | {"noop", "kit"}
     out_dir, store_dir = ROOT / "artifacts" / args.name, ROOT / "model_store"
     kit_archive = store_dir / f"{args.name}.mar"
-    archives = [kit_archive, store_dir / f"{args.name}-torchscript.mar"]
-    if not all(a.is_file() for a in archives) or not (out_dir / "checkpoint.pt").is_file():
+    if not kit_archive.is_file() or not (out_dir / "checkpoint.pt").is_file():
         raise SystemExit(f"error: run `make train export NAME={args.name}` first")
-    int8_archive = store_dir / f"{args.name}-int8.mar"
-    if int8_archive.is_file():
-        archives.append(int8_archive)
-
     spec = json.loads((out_dir / "spec.json").read_text())
     test = load_run_data(out_dir)[0].test  # the run's own test split
     normalized = normalize(test.images[:1], per_channel(spec["mean"]), per_channel(spec["std"]))[0].numpy()
@@ -201,31 +200,35 @@ def main() -> int:
         Image.fromarray(test.images[0].permute(1, 2, 0).squeeze(-1).numpy()).save(image_path)
         store = scratch / "store"
         store.mkdir()
-        for path in archives:
-            shutil.copy(path, store)
-        noop, baseline = f"{args.name}-noop", f"{args.name}-baseline"
-        noop_archive(kit_archive, store, noop)
-        baseline_archive(out_dir, store, baseline)
+        names = {"noop": f"{args.name}-noop", "kit": args.name, "int8": f"{args.name}-int8",
+                 "torchscript": f"{args.name}-torchscript", "baseline": f"{args.name}-baseline"}
+        labels = {"noop": f"{names['noop']} (no work)", "kit": f"{args.name} (onnxruntime)",
+                  "baseline": f"{names['baseline']} (example style)"}
+        served = [key for key in names if wanted is None or key in wanted]
+        for key in served:
+            if key == "noop":
+                noop_archive(kit_archive, store, names[key])
+            elif key == "baseline":
+                baseline_archive(out_dir, store, names[key])
+            elif (store_dir / f"{names[key]}.mar").is_file():
+                shutil.copy(store_dir / f"{names[key]}.mar", store)
+            else:
+                print(f"note: no {store_dir / names[key]}.mar, so no {key} row (make export writes it)")
+        served = [key for key in served if (store / f"{names[key]}.mar").is_file()]
         script = scratch / "post.lua"
         script.write_text(LUA)
-        models = [path.stem for path in archives] + [noop, baseline]
-        server = harness.start(store, scratch / "ts", models)
-        predictions = server.inference + "/predictions/"
-        targets = [Target(f"{noop} (no work)", predictions + noop, image_path),
-                   Target(f"{args.name} (onnxruntime)", predictions + args.name, image_path)]
-        if int8_archive.is_file():
-            targets.append(Target(f"{args.name}-int8", predictions + f"{args.name}-int8", image_path))
-        targets += [Target(f"{args.name}-torchscript", predictions + f"{args.name}-torchscript", image_path),
-                    Target(f"{baseline} (example style)", predictions + baseline, image_path),
-                    Target("/ping", server.inference + "/ping")]
+        server = harness.start(store, scratch / "ts", [names[key] for key in served])
+        targets = [Target(key, labels.get(key, names[key]), f"{server.inference}/predictions/{names[key]}", image_path)
+                   for key in served]
+        if wanted is None or "ping" in wanted:
+            targets.append(Target("ping", "/ping", server.inference + "/ping"))
         stops = []
         try:
-            for _label, start in other_engines(args.name, image_path, scratch):
-                target, stop = start()
-                stops.append(stop)
-                targets.append(target)
-            if args.kit_only:
-                targets = targets[:2]
+            for key, start in other_engines(args.name, image_path, scratch):
+                if wanted is None or key in wanted:
+                    target, stop = start()
+                    stops.append(stop)
+                    targets.append(target)
             for target in targets:
                 wrk(target, 8, 1, script)  # warm-up
             runs: dict[tuple[str, int], list[dict]] = {}

@@ -187,6 +187,14 @@ def results_json(probabilities: np.ndarray, class_names: list[str]) -> list[str]
             for row, index in zip(probabilities.tolist(), probabilities.argmax(axis=1).tolist())]
 
 
+@functools.lru_cache(maxsize=8)
+def normalization_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """float32 (channels, 256): `normalize` of every uint8 value in every channel, computed by `normalize`
+    itself, so looking pixels up in it gives exactly its values (in one operation instead of four)."""
+    values = np.broadcast_to(np.arange(256, dtype=np.uint8), (len(mean), 1, 256))
+    return np.ascontiguousarray(normalize(values, np.float32(mean), np.float32(std))[:, 0, :])
+
+
 def probabilities_of_batch(requests: list[dict], classifier: Classifier) -> tuple[list[int | BadImage], np.ndarray]:
     """One forward pass for the good images of a batch: (per request, the row of its probabilities or
     its BadImage; the probabilities, float64 (good images, classes)). Pixels are normalized as one
@@ -201,7 +209,8 @@ def probabilities_of_batch(requests: list[dict], classifier: Classifier) -> tupl
             outcome.append(error)
     if not pixels:
         return outcome, np.empty((0, len(classifier.spec["class_names"])))
-    batch = normalize(np.stack(pixels), classifier.mean, classifier.std)
+    table = normalization_table(tuple(classifier.mean.tolist()), tuple(classifier.std.tolist()))
+    batch = table[np.arange(len(table)).reshape(1, -1, 1, 1), np.stack(pixels)]  # one lookup per pixel
     return outcome, softmax(classifier.infer(batch))
 
 

@@ -174,14 +174,21 @@ def test_exif_orientation_is_still_applied_at_the_models_size():
     assert pixels[0, :12].mean() > 200 and pixels[0, 16:].mean() < 50  # the white left half is now on top
 
 
-def test_a_batch_is_normalized_exactly_as_one_image_at_a_time():
-    pngs = [encode(noise("L", seed=seed)) for seed in range(9)]
+@pytest.mark.parametrize("mode, channels", [("L", 1), ("RGB", 3)])
+def test_a_batch_is_normalized_exactly_as_one_image_at_a_time(mode, channels):
+    pngs = [encode(noise(mode, seed=seed)) for seed in range(9)]
+    every_value = (np.arange(28 * 28) % 256).astype(np.uint8).reshape(28, 28)  # in every channel
+    pngs.append(encode(Image.fromarray(every_value if channels == 1 else np.dstack([every_value] * 3))))
     seen = []
-    model = classifier(infer=lambda batch: seen.append(batch.copy()) or np.zeros((len(batch), 3), np.float32))
+    model = classifier(channels, infer=lambda batch: seen.append(batch.copy()) or np.zeros((len(batch), 3)))
+    model = Classifier(**{**model.__dict__, "mean": np.float32([0.1, 0.5, 0.9][:channels]),
+                          "std": np.float32([0.3, 0.25, 0.2][:channels])})
     classify_batch([{"body": png} for png in pngs], model)
     singles = np.stack([preprocess(png, model) for png in pngs])
-    assert seen[0].dtype == np.float32 and np.array_equal(seen[0], singles)
-    assert np.array_equal(singles, normalize(np.stack([general(p, 1) for p in pngs]), model.mean, model.std))
+    assert seen[0].dtype == np.float32 and seen[0].shape == (10, channels, 28, 28)
+    assert np.array_equal(seen[0], singles)
+    expected = normalize(np.stack([general(p, channels) for p in pngs]), model.mean, model.std)
+    assert np.array_equal(singles, expected) and np.array_equal(seen[0], expected)
 
 
 @pytest.mark.parametrize("class_names", [("T-shirt/top", "Trouser", "Bag"),
