@@ -1,10 +1,14 @@
 # The kit's commands. A fresh clone needs only these: each target creates what it needs.
 #   make train                 train the default model (Fashion-MNIST, CNN) into artifacts/fashion-mnist/
 #   make train DATASET=mnist-5k MODEL=simple-cnn NAME=digits EPOCHS=5
+#   make train MODEL=examples/my_net.py:MyNet MODEL_ARGS='{"base_width": 16}' NAME=my-net   your own model
+#   make train NPROC=2         data-parallel over 2 processes (torchrun: gloo on CPUs, NCCL with one GPU each)
 #   make export                TorchScript + ONNX, parity gate, archives in model_store/ (NAME=...)
 #   make serve                 TorchServe on 127.0.0.1:8080 in the foreground (Ctrl-C stops it)
 #   make samples               a few test images as PNG files in samples/, to send to the server
 #   make predict IMAGE=samples/0-ankle-boot.png   ask the running server (MODEL_NAME=...)
+#   make demo                  the demo page on http://127.0.0.1:8090/ (while make serve runs); opens nothing
+#   make report                render artifacts/NAME/report.html again (train and export write it)
 #   make test                  the test suite (unit, integration with TorchServe, Docker end to end)
 #   make docker-offline        prepare a machine without registry access for `docker compose up`
 #   make image-size            the serving image's size
@@ -14,7 +18,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 DATASET ?= fashion-mnist
-MODEL ?= cnn
+MODEL ?=
+MODEL_ARGS ?=
+NPROC ?=
 NAME ?= fashion-mnist
 TRAIN_ARGS ?=
 EPOCHS ?=
@@ -23,8 +29,8 @@ IMAGE ?=
 MODEL_NAME ?= $(NAME)
 MODEL_STORE ?= model_store
 
-.PHONY: venv data java train export serve samples predict test docker-offline image-size bench bench-train \
-        bench-export bench-serve lint clean help
+.PHONY: venv data java browser train export serve samples predict demo report test docker-offline image-size \
+        bench bench-train bench-export bench-serve lint clean help
 
 help:
 	@sed -n '1,/^SHELL/p' Makefile | grep '^#' | sed 's/^# \{0,1\}//'
@@ -62,8 +68,20 @@ java:
 	  else echo "error: TorchServe needs Java 17: install a JRE 17 (e.g. openjdk-17-jre-headless)" >&2; exit 1; fi; \
 	fi
 
+# Headless Chromium and its driver for the demo page's browser test; without them that test skips.
+browser:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing chromium and chromium-driver (the demo page's browser test)"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) \
+	      >/dev/null || echo "note: apt-get install chromium chromium-driver failed: the browser test will skip" >&2; \
+	  else echo "note: no chromium/chromedriver (apt-get install chromium chromium-driver): the browser test will skip" >&2; fi; \
+	fi
+
 train: venv data
-	$(PY) -m training --dataset $(DATASET) --model $(MODEL) --name $(NAME) $(if $(EPOCHS),--epochs $(EPOCHS)) $(TRAIN_ARGS)
+	$(if $(NPROC),$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC),$(PY)) -m training \
+	  --dataset $(DATASET) --name $(NAME) $(if $(MODEL),--model $(MODEL)) \
+	  $(if $(MODEL_ARGS),--model-args '$(MODEL_ARGS)') $(if $(EPOCHS),--epochs $(EPOCHS)) $(TRAIN_ARGS)
 
 export: venv
 	$(PY) -m export --name $(NAME) $(EXPORT_ARGS)
@@ -79,6 +97,16 @@ serve: venv java
 	trap 'echo "stopping TorchServe"; kill -TERM -$$server 2>/dev/null' INT TERM; \
 	wait $$server; wait $$server; true
 
+DEMO_PORT ?= 8090
+DEMO_ARGS ?=
+
+# The demo page; TorchServe's config.properties allows http://127.0.0.1:8090 (cors_allowed_origin).
+demo: venv
+	$(PY) -m demo --port $(DEMO_PORT) $(DEMO_ARGS)
+
+report: venv
+	$(PY) -m training.report artifacts/$(NAME)
+
 samples: venv data
 	$(PY) -m training.samples --dataset $(DATASET)
 
@@ -86,12 +114,12 @@ predict: venv
 	@[ -n "$(IMAGE)" ] || { echo "error: give an image: make predict IMAGE=path/to/image.png" >&2; exit 1; }
 	$(PY) -m client --model $(MODEL_NAME) $(IMAGE)
 
-test: venv java
+test: venv java browser
 	@$(MAKE) --no-print-directory data DATASET=fashion-mnist
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: venv
-	$(PY) -m ruff check training export handlers client tests bench docker
+	$(PY) -m ruff check training export handlers client demo tests bench docker
 
 docker-offline: venv
 	bash docker/prepare-offline.sh

@@ -52,7 +52,7 @@ def main() -> int:
     if not (out_dir / "model.onnx").is_file():
         raise SystemExit(f"error: run `make train export NAME={args.name}` first")
     spec = json.loads((out_dir / "spec.json").read_text())
-    images, _ = test_images(out_dir, spec)  # the run's own first 64 test images, normalized
+    images, _, _ = test_images(out_dir, spec)  # the run's own first 64 test images, normalized
     formats = runners(out_dir)
     for run in formats.values():  # warm-up: first calls allocate and optimize
         for batch in (images[:1], images):

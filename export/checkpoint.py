@@ -1,4 +1,5 @@
-"""Loading a trained checkpoint for export: verified against its spec, rebuilt from the spec alone."""
+"""Loading a trained checkpoint for export: verified against its spec, rebuilt from the spec and the
+model source the checkpoint carries (never from the user's file, which may have moved or changed)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 
 from training.checkpoint import CHECKPOINT_FORMAT, load_torch_file, sha256_of
 from training.errors import UserError
-from training.models import build
+from training.model_origin import construct, rebuild
 
 
 def load_trained(out_dir: Path) -> tuple[torch.nn.Module, dict]:
@@ -27,7 +28,8 @@ def load_trained(out_dir: Path) -> tuple[torch.nn.Module, dict]:
                         f"{str(spec.get('checkpoint_sha256'))[:12]}...): the checkpoint was changed or "
                         "replaced; train again")
     record = load_torch_file(checkpoint_path, CHECKPOINT_FORMAT, "train again")
-    model = build(spec["arch"], **spec["arch_args"])
+    origin = rebuild(spec, record.get("model_source"))
+    model = construct(origin, spec["arch_args"])
     try:
         model.load_state_dict(record["state_dict"])
     except RuntimeError as error:

@@ -7,16 +7,19 @@ written either way: it says what failed.
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from export import convert, parity, quantize
 from export.archive import ServingConfig, build_archive, ensure_writable
 from export.checkpoint import load_trained
+from export.report import update_report
 from training import data as datasets
 from training.checkpoint import write_json_atomic
 from training.config import check_name
@@ -58,8 +61,9 @@ def load_run_data(out_dir: Path) -> tuple[datasets.Data, dict]:
     return data, run
 
 
-def test_images(out_dir: Path, spec: dict):
-    """(first 64 normalized test images, a function yielding the whole test split in batches)."""
+def test_images(out_dir: Path, spec: dict, sample_size: int = max(parity.BATCH_SIZES)):
+    """(the first `sample_size` normalized test images, edge images, a function yielding the whole
+    test split in batches)."""
     data, run = load_run_data(out_dir)
     mean, std = per_channel(spec["mean"]), per_channel(spec["std"])
     shape = tuple(data.shape)
@@ -68,10 +72,14 @@ def test_images(out_dir: Path, spec: dict):
         for images, labels in batches(data.test, 256, torch.device("cpu"), None, shape, run["workers"]):
             yield normalize(images.cpu(), mean, std).numpy(), labels.cpu().numpy()
 
-    sample = next(iter(test_batches()))[0][:max(parity.BATCH_SIZES)]  # batches hold 256 images
+    sample = np.concatenate([images for images, _ in itertools.islice(test_batches(), -(-sample_size // 256))])
     if len(sample) < max(parity.BATCH_SIZES):
         raise UserError(f"the test split has {len(sample)} images; the parity gate needs at least 64")
-    return sample, test_batches
+    # What a client may send beyond the data set: all black, all white, and noise.
+    noise = torch.Generator().manual_seed(0)
+    edge = torch.stack([torch.zeros(shape, dtype=torch.uint8), torch.full(shape, 255, dtype=torch.uint8),
+                        torch.randint(0, 256, shape, dtype=torch.uint8, generator=noise)])
+    return sample[:sample_size], normalize(edge, mean, std).numpy(), test_batches
 
 
 def export(config: ExportConfig) -> dict:
@@ -80,15 +88,18 @@ def export(config: ExportConfig) -> dict:
     out_dir = config.artifacts_dir / config.name
     model, spec = load_trained(out_dir)
     ensure_writable(config.model_store)
-    sample, test_batches = test_images(out_dir, spec)
+    batch_sizes = tuple(sorted({*parity.BATCH_SIZES, config.serving.batch_size}))
+    sample, edge, test_batches = test_images(out_dir, spec, max(batch_sizes))
+    batch_sizes = tuple(size for size in batch_sizes if size <= len(sample))
 
     pending = {name: out_dir / f".pending-{file_name}" for name, (file_name, *_) in FORMATS.items()}
     try:
-        convert.to_torchscript(model, spec, pending["torchscript"])
-        convert.to_onnx(model, spec, pending["onnxruntime"])
+        examples = [torch.from_numpy(sample[:size]) for size in (2, 1, 7)]  # traced on 2, checked on 1 and 7
+        convert.to_torchscript(model, spec, pending["torchscript"], examples)
+        convert.to_onnx(model, spec, pending["onnxruntime"], examples[0])
         runners = {"eager": parity.eager_runner(model)}
         runners.update({name: runner(pending[name]) for name, (_, runner, *_) in FORMATS.items()})
-        report = parity.run_gate(runners, sample, test_batches)
+        report = parity.run_gate(runners, sample, edge, test_batches, batch_sizes)
         report["checkpoint_sha256"] = spec["checkpoint_sha256"]
         write_json_atomic(out_dir / "parity.json", report)
         print(parity.format_table(report))
@@ -108,5 +119,6 @@ def export(config: ExportConfig) -> dict:
         print(f"wrote {archive} ({archive.stat().st_size / 1e6:.1f} MB, {backend})")
     # INT8 (its own gate; a failure leaves the two archives above in place)
     quantize.export_int8(config.name, out_dir, spec, test_batches, report, config.model_store, config.serving)
+    update_report(out_dir, config.model_store)
     print(f"export took {time.perf_counter() - started:.1f}s")
     return report

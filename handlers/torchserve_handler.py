@@ -4,6 +4,8 @@ The archive holds this file (as the handler), the `handlers/` package, spec.json
 serialized model and model-config.yaml, whose `handler:` section names the backend
 explicitly (onnxruntime or torchscript). A bad image in a batch gets its own 4xx with a JSON
 message; the other requests of the batch get their predictions; the worker keeps running.
+`GET /models/<name>?customized=true` on the management API answers with the model's metadata
+(`describe`: the spec and the pixel limit), which the demo page uses to show what the model sees.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ class ImageClassifierHandler:
         log.info("loaded %s with %s on %s", context.model_name, settings.backend, self.classifier.device)
 
     def handle(self, data: list[dict], context) -> list:
+        if context.get_request_header(0, "describe") == "True":  # TorchServe sends describe jobs alone
+            return [describe(self.classifier)]
         # Answers as JSON text: TorchServe would otherwise encode each dict with json.dumps(indent=2),
         # in pure Python, which cost more than the model (same content, without the indentation).
         results = classify_batch_json(data, self.classifier)
@@ -46,3 +50,8 @@ class ImageClassifierHandler:
             else:
                 responses.append(result)
         return responses
+
+
+def describe(classifier: Classifier) -> dict:
+    """The model's metadata for clients: class names, input shape and normalization (the spec)."""
+    return {"format": "image-classifier-metadata/1", "spec": classifier.spec, "max_pixels": classifier.max_pixels}

@@ -4,17 +4,25 @@ Examples:
   python -m training                                   # Fashion-MNIST, default CNN, name fashion-mnist
   python -m training --dataset mnist-5k --model simple-cnn --name digits
   python -m training --dataset folder:~/pictures/pets --model resnet18 --name pets --augment crop+flip
+  python -m training --model examples/my_net.py:MyNet --model-args '{"base_width": 48}' --name mine
+  python -m training --dataset mnist-5k --name digits --init-from artifacts/fashion-mnist/checkpoint.pt \
+      --freeze features.0,features.1                   # fine-tune: start from weights, train the rest
+  python -m training --model examples/my_net.py:MyNet --summary   # layers, shapes, parameters; no training
+  torchrun --standalone --nproc_per_node=2 -m training              # data-parallel (make train NPROC=2)
   python -m training --resume artifacts/fashion-mnist/last.pt   # continue an interrupted run
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from pathlib import Path
 
 from training.config import AUGMENTATIONS, TrainConfig
 from training.data import BUILTIN
+from training.distributed import Stopped
 from training.errors import UserError
 from training.models import ARCHITECTURES
 
@@ -28,13 +36,31 @@ def parser() -> argparse.ArgumentParser:
     what.add_argument("--name", default=D.name, help="model name: artifacts/NAME/, model_store/NAME.mar (%(default)s)")
     what.add_argument("--dataset", default=D.dataset,
                       help=f"{', '.join(BUILTIN)} or folder:PATH (one subfolder per class) (%(default)s)")
-    what.add_argument("--model", default=D.model, help=f"{', '.join(ARCHITECTURES)} (%(default)s)")
+    what.add_argument("--model", default=None,
+                      help=f"{', '.join(ARCHITECTURES)}, or your own: path/to/file.py:ClassName or "
+                           "package.module:ClassName (a class or a function returning an nn.Module). Default: "
+                           "the --init-from checkpoint's model, else cnn")
+    what.add_argument("--model-args", default="{}", metavar="JSON",
+                      help="keyword arguments for the model, a JSON object; in_channels, num_classes, height "
+                           "and width come from the data set where the model takes them")
+    what.add_argument("--init-from", type=Path, default=None, metavar="PATH",
+                      help="start from these weights: a kit checkpoint.pt or a plain state_dict (.pt/.pth); "
+                           "tensors are matched by name and shape, the rest stays freshly initialized")
+    what.add_argument("--freeze", type=lambda text: tuple(p for p in text.split(",") if p), default=(),
+                      metavar="PREFIX[,PREFIX...]",
+                      help="do not train parameters whose names start with a prefix (their batch-norm "
+                           "statistics stay fixed too); --summary lists the names")
+    what.add_argument("--summary", action="store_true",
+                      help="print the model's layers, output shapes and parameter counts for this data set, "
+                           "then exit without training")
     what.add_argument("--image-size", type=int, default=D.image_size,
                       help="folder: only: train at SIZExSIZE (default: the images' own size when all "
                            "share one, else 64)")
     how = p.add_argument_group("how to train")
     how.add_argument("--epochs", type=int, default=D.epochs, help="(%(default)s)")
-    how.add_argument("--batch-size", type=int, default=D.batch_size, help="(%(default)s)")
+    how.add_argument("--batch-size", type=int, default=D.batch_size,
+                     help="the global batch: under torchrun each of N processes takes batch/N of it, so the "
+                          "learning rate and schedule keep their meaning (%(default)s)")
     how.add_argument("--optimizer", default=D.optimizer, choices=["sgd", "adamw"], help="(%(default)s)")
     how.add_argument("--lr", type=float, default=D.lr, help="peak learning rate (%(default)s; try 3e-3 for adamw)")
     how.add_argument("--momentum", type=float, default=D.momentum, help="SGD momentum (%(default)s)")
@@ -72,22 +98,46 @@ def parser() -> argparse.ArgumentParser:
     hw.add_argument("--compile", action=argparse.BooleanOptionalAction, default=D.compile,
                     help="torch.compile the model (off)")
     hw.add_argument("--artifacts-dir", type=Path, default=D.artifacts_dir, help="(%(default)s)")
+    hw.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=D.tensorboard,
+                    help="also log to ARTIFACTS_DIR/NAME/tensorboard/ for TensorBoard (off; report.html is "
+                         "always written)")
     return p
+
+
+def model_arguments(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise UserError(f"--model-args is not valid JSON ({error.msg} at character {error.pos}): "
+                        """write a JSON object, e.g. '{"base_width": 32}'""") from None
+    if not isinstance(value, dict):
+        raise UserError(f"--model-args must be a JSON object of keyword arguments, not {type(value).__name__}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
     options = vars(parser().parse_args(argv))
+    summary_only = options.pop("summary")
+    rank = int(os.environ.get("RANK", "0"))  # under torchrun: process 0 speaks for the run
+    last = f"{options['artifacts_dir']}/{options['name']}/last.pt"
     try:
-        from training.run import train  # heavy imports after --help
+        from training.run import summarize, train  # heavy imports after --help
 
-        train(TrainConfig.from_options(options))
+        options["model_args"] = model_arguments(options["model_args"])
+        config = TrainConfig.from_options(options)
+        summarize(config) if summary_only else train(config)
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
+        if rank == 0:  # every process meets the same mistake (training.distributed.World.together)
+            print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\ninterrupted: earlier outputs are intact; the last finished epoch is in "
-              f"{options['artifacts_dir']}/{options['name']}/last.pt (continue with --resume)", file=sys.stderr)
+        print(f"\ninterrupted: earlier outputs are intact; the last finished epoch is in {last} "
+              "(continue with --resume)", file=sys.stderr)
         return 130
+    except Stopped as stop:
+        print(f"error: process {rank} stopped: another process of this distributed run failed or was lost ({stop}); "
+              f"the last finished epoch is in {last} (continue with --resume)", file=sys.stderr)
+        return 1
     return 0
 
 

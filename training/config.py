@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from training.data import BUILTIN
 from training.errors import UserError
-from training.models import DEFAULT_ARCH, architecture
+from training.models import ARCHITECTURES
 
 AUGMENTATIONS = ("none", "flip", "crop", "crop+flip")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # also a TorchServe model name
@@ -19,7 +19,10 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # also a TorchS
 class TrainConfig:
     name: str = "fashion-mnist"  # the model's name: artifacts/<name>/, model_store/<name>.mar
     dataset: str = "fashion-mnist"
-    model: str = DEFAULT_ARCH
+    model: str | None = None  # registry name, path/file.py:Name or package.module:Name; None: cnn or --init-from's
+    model_args: dict = field(default_factory=dict)  # keyword arguments for the model's constructor
+    init_from: Path | None = None  # start from these weights (a kit checkpoint or a plain state_dict)
+    freeze: tuple = ()  # parameter-name prefixes that are not trained
     epochs: int = 10  # 92.54 % in 217-227 s on 2 slow CPU cores; 9: 91.96 %; 11: +0.07 points, +10 % time
     batch_size: int = 256
     optimizer: str = "sgd"  # sgd (momentum, Nesterov) or adamw
@@ -46,6 +49,7 @@ class TrainConfig:
     artifacts_dir: Path = Path("artifacts")
     resume: Path | None = None  # a last.pt to continue from
     download: bool = True  # let torchvision download mnist / cifar10 / fashion-mnist where reachable
+    tensorboard: bool = False  # also log to artifacts/<name>/tensorboard/ (the HTML report is always written)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -54,7 +58,14 @@ class TrainConfig:
         if self.dataset not in BUILTIN and not self.dataset.startswith("folder:"):
             raise UserError(f"unknown data set {self.dataset!r}: choose one of {', '.join(BUILTIN)} "
                             "or folder:PATH")
-        architecture(self.model)
+        if self.model is not None and ":" not in self.model:
+            if self.model not in ARCHITECTURES:  # files and modules are checked when they are loaded
+                raise UserError(f"unknown model {self.model!r}: choose one of {', '.join(ARCHITECTURES)}, "
+                                "or your own as path/to/file.py:ClassName or package.module:ClassName")
+        if not all(isinstance(key, str) for key in self.model_args):
+            raise UserError("--model-args must be a JSON object of keyword arguments")
+        if not all(isinstance(prefix, str) and prefix for prefix in self.freeze):
+            raise UserError("--freeze takes parameter-name prefixes separated by commas, e.g. features.0,features.1")
         choices = {"optimizer": ("sgd", "adamw"), "schedule": ("onecycle", "cosine"),
                    "precision": ("auto", "bf16", "fp32"), "augment": AUGMENTATIONS}
         for option, allowed in choices.items():
@@ -84,7 +95,8 @@ class TrainConfig:
         return self.artifacts_dir / self.name
 
     def to_json(self) -> dict:
-        return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}
+        return {k: str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
+                for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
     def from_options(cls, options: dict) -> TrainConfig:
@@ -102,7 +114,8 @@ def check_name(name: str) -> None:
         raise UserError(f"--name {name!r}: use letters, digits, '.', '_' or '-' (at most 64)")
 
 
-TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "Path": (Path,)}
+TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "Path": (Path,), "dict": (dict,),
+         "tuple": (tuple, list)}
 
 
 def check_type(name: str, value, annotation: str) -> None:

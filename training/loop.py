@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.data import FolderImages, Split
+from training.distributed import SINGLE, World
 from training.errors import UserError
 
 
@@ -51,10 +52,14 @@ def pick_autocast_dtype(precision: str, device: torch.device) -> torch.dtype | N
 
 
 def batches(split: Split, batch_size: int, device: torch.device, generator: torch.Generator | None,
-            shape: tuple[int, int, int], workers: int = 2) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            shape: tuple[int, int, int], workers: int = 2,
+            world: World = SINGLE) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(uint8 images, int64 labels) batches on `device`; shuffled when a generator is given.
 
-    Training drops a last batch of one image: batch norm cannot train on a single sample.
+    Training drops a last batch of one image: batch norm cannot train on a single sample. In a
+    distributed run `batch_size` is the global batch: every process draws the same shuffled
+    order (same generator seed) and takes its own equal, disjoint share of each batch, so all
+    processes take the same number of steps.
     """
     n = len(split)
     if split.images is not None:
@@ -62,18 +67,24 @@ def batches(split: Split, batch_size: int, device: torch.device, generator: torc
                  else torch.arange(n, device=split.images.device))
         for start in range(0, n, batch_size):
             index = order[start:start + batch_size]
-            if generator is not None and len(index) == 1 and n > 1:
+            share = len(index) // world.size
+            if generator is not None and share < 2 and n > 1 and (world.distributed or len(index) == 1):
                 return
+            if world.distributed:
+                index = index[world.rank * share:(world.rank + 1) * share]
             yield split.images[index], split.labels[index]
         return
-    sampler_generator = None
+    sampler, sampler_generator = None, None
     if generator is not None:  # the DataLoader shuffles on the CPU; seed it from our generator
         seed = torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item()
         sampler_generator = torch.Generator().manual_seed(seed)
+        if world.distributed:
+            sampler = torch.utils.data.DistributedSampler(
+                range(n), num_replicas=world.size, rank=world.rank, shuffle=True, seed=seed, drop_last=True)
     loader = torch.utils.data.DataLoader(
-        FolderImages(split.files, split.labels, shape), batch_size=batch_size,
-        shuffle=generator is not None, generator=sampler_generator, num_workers=workers,
-        pin_memory=device.type == "cuda", drop_last=False, persistent_workers=False)
+        FolderImages(split.files, split.labels, shape), batch_size=batch_size // world.size,
+        shuffle=generator is not None and sampler is None, sampler=sampler, generator=sampler_generator,
+        num_workers=workers, pin_memory=device.type == "cuda", drop_last=False, persistent_workers=False)
     for images, labels in loader:
         if generator is not None and len(labels) == 1 and n > 1:
             return
@@ -109,9 +120,11 @@ def random_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tenso
 
 
 def make_optimizer(config, model: nn.Module) -> torch.optim.Optimizer:
-    # No weight decay on batch-norm weights and biases: it only fights the normalization.
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    # No weight decay on batch-norm weights and biases: it only fights the normalization. Frozen
+    # parameters (--freeze) are left out: weight decay and momentum would still move them.
+    trained = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trained if p.ndim > 1]
+    no_decay = [p for p in trained if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": config.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     if config.optimizer == "sgd":
@@ -136,14 +149,27 @@ def make_scheduler(config, optimizer, steps_per_epoch: int):
 
 @torch.no_grad()
 def evaluate(model: nn.Module, split: Split, mean, std, device, shape, workers: int = 2,
-             batch_size: int = 1024) -> tuple[float, float, torch.Tensor]:
-    """(mean loss, accuracy, predictions) in float32 and eval mode: what export and serving compute."""
+             batch_size: int = 1024, world: World = SINGLE) -> tuple[float, float, torch.Tensor]:
+    """(mean loss, accuracy, predictions) in float32 and eval mode: what export and serving compute.
+
+    In a distributed run each process scores one contiguous part of the split and the parts are
+    gathered: the figures are the whole split's on every process."""
     model.eval()
-    total_loss, predictions = 0.0, []
-    for images, labels in batches(split, batch_size, device, None, shape, workers):
+    part = shard(split, world)
+    total_loss, predictions = 0.0, [torch.zeros(0, dtype=torch.int64)]
+    for images, labels in batches(part, batch_size, device, None, shape, workers):
         logits = model(normalize(images, mean, std).contiguous(memory_format=torch.channels_last)).float()
         total_loss += F.cross_entropy(logits, labels, reduction="sum").item()
         predictions.append(logits.argmax(1).cpu())
-    predicted = torch.cat(predictions)
+    parts = world.gather((total_loss, torch.cat(predictions)))
+    predicted = torch.cat([part_predictions for _, part_predictions in parts])
     accuracy = (predicted == split.labels.cpu()).double().mean().item()
-    return total_loss / len(split), accuracy, predicted
+    return sum(loss for loss, _ in parts) / len(split), accuracy, predicted
+
+
+def shard(split: Split, world: World) -> Split:
+    """This process's contiguous part of a split (the whole split in one process)."""
+    if not world.distributed:
+        return split
+    size = -(-len(split) // world.size)
+    return split.subset(torch.arange(world.rank * size, min(len(split), (world.rank + 1) * size)))

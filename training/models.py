@@ -1,12 +1,9 @@
-"""The model registry: an architecture name and its arguments -> a fresh nn.Module.
+"""The model registry: the architectures the kit ships, by name.
 
-`build(arch, **arch_args)` is all export needs to rebuild a model from a spec: the arguments
-(input channels/size, class count, widths) are stored in the spec next to the name.
+Users' own models come from their files instead (training/model_origin.py resolves both).
 """
 
 from __future__ import annotations
-
-import inspect
 
 import torch
 from torch import nn
@@ -100,18 +97,12 @@ def architecture(arch: str):
     return ARCHITECTURES[arch]
 
 
-def full_arguments(arch: str, **given) -> dict:
-    """`given` plus every default of the architecture: what the spec stores, so a later change of
-    a default cannot silently change how an old checkpoint is rebuilt."""
-    bound = inspect.signature(architecture(arch)).bind(**given)
-    bound.apply_defaults()
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in bound.arguments.items()}
+def check_input_size(arch: str, height: int, width: int) -> None:
+    if arch in ("simple-cnn", "cnn") and min(height, width) < 8:
+        raise UserError(f"model {arch} needs images of at least 8x8 pixels, not {width}x{height}")
 
 
 def build(arch: str, **arch_args) -> nn.Module:
     """A fresh model of the named architecture (arguments as stored in the spec)."""
-    constructor = architecture(arch)
-    height, width = arch_args["height"], arch_args["width"]
-    if arch in ("simple-cnn", "cnn") and min(height, width) < 8:
-        raise UserError(f"model {arch} needs images of at least 8x8 pixels, not {width}x{height}")
-    return constructor(**arch_args)
+    check_input_size(arch, arch_args["height"], arch_args["width"])
+    return architecture(arch)(**arch_args)

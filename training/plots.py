@@ -51,3 +51,21 @@ def plot_confusion(matrix, class_names: list[str], path: Path, title: str) -> No
                           color="white" if value > threshold else "black")
     figure.colorbar(image, ax=axis, fraction=0.046)
     save_png(figure, path)
+
+
+def plot_misclassified(images, titles: list[str], path: Path, columns: int = 6) -> None:
+    """A grid of uint8 (C, H, W) images, each titled (e.g. true class -> predicted, confidence)."""
+    rows = max(1, -(-len(images) // columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(2.0 * columns, 2.3 * rows), squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    for axis, image, title in zip(axes.flat, images, titles):
+        if image.shape[0] == 1:
+            axis.imshow(image[0], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+        else:
+            axis.imshow(image.transpose(1, 2, 0), interpolation="nearest")
+        axis.set_title(title, fontsize=8)
+    if not images:
+        axes.flat[0].text(0.5, 0.5, "no misclassified test images", ha="center", va="center")
+    figure.tight_layout()
+    save_png(figure, path)

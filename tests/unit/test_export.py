@@ -23,7 +23,8 @@ def test_parity_report_covers_every_format_and_batch_size(exported_tiny):
     assert report["passed"] and set(report["formats"]) == {"torchscript", "onnxruntime"}
     assert report["tolerances"] == {"logit_abs": 1e-4, "logit_rel": 1e-3, "probability": 1e-5, "accuracy_points": 0.01}
     for result in report["formats"].values():
-        assert set(result["batches"]) == {"1", "2", "7", "64"}
+        assert set(result["batches"]) == {"1", "2", "7", "16", "64", "edge", "test split"}
+        assert result["batches"]["test split"]["images"] == report["test_images"] == 500
         for row in result["batches"].values():
             assert row["passed"] and row["top1_agreement"] == 1.0 and row["max_probability_diff"] <= 1e-5
         assert result["accuracy_diff_points"] <= 0.01
@@ -77,11 +78,11 @@ def test_a_broken_export_fails_the_gate_and_leaves_the_old_archive(copied, monke
     good_archive = (store / "tiny-torchscript.mar").read_bytes()
     original = convert.to_torchscript
 
-    def perturbed(model, spec, path):  # a TorchScript file that differs from eager
+    def perturbed(model, spec, path, examples):  # a TorchScript file that differs from eager
         broken = type(model)(**spec["arch_args"])
         broken.load_state_dict({k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v
                                 for k, v in model.state_dict().items()})
-        original(broken.eval(), spec, path)
+        original(broken.eval(), spec, path, examples)
 
     monkeypatch.setattr(convert, "to_torchscript", perturbed)
     (store / "tiny-torchscript.mar").write_bytes(good_archive)

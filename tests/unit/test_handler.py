@@ -87,6 +87,10 @@ class FakeContext:
         self.model_yaml_config = yaml_config
         self.model_name = "test"
         self.statuses, self.content_types = {}, {}
+        self.request_headers = {}  # of request 0: TorchServe marks a describe request {"describe": "True"}
+
+    def get_request_header(self, idx, key):
+        return self.request_headers.get(key) if idx == 0 else None
 
     def set_response_status(self, code, phrase, idx):
         self.statuses[idx] = (code, phrase)
@@ -111,6 +115,10 @@ def test_handler_with_a_fake_context(exported_tiny, tmp_path, backend, file_name
     assert context.content_types[1] == "application/json"
     assert json.loads(responses[1]) == {"code": 400, "error": "not an image Pillow can read (UnidentifiedImageError)"}
     assert len(responses[2]["probabilities"]) == 10
+    context.request_headers = {"describe": "True"}  # GET /models/<name>?customized=true
+    assert handler.handle([{}], context) == [{"format": "image-classifier-metadata/1",
+                                              "spec": json.loads((tmp_path / "spec.json").read_text()),
+                                              "max_pixels": 24_000_000}]
 
 
 @pytest.mark.parametrize("section, message", [

@@ -36,7 +36,7 @@ def exported_copy(tiny_run, tmp_path):
 
 def run_int8(out_dir, store, **gate):
     spec = json.loads((out_dir / "spec.json").read_text())
-    _, test_batches = export_run.test_images(out_dir, spec)
+    *_, test_batches = export_run.test_images(out_dir, spec)
     report = json.loads((out_dir / "parity.json").read_text())
     archive = quantize.export_int8("tiny", out_dir, spec, test_batches, report, store, ServingConfig(),
                                    quantize.Int8Gate(**{**QUICK, **gate}))

@@ -1,0 +1,1 @@
+"""The demo page (index.html, demo.js, preview.js, demo.css) and its local server: `python -m demo`."""
