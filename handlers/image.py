@@ -11,7 +11,7 @@ import struct
 import zlib
 
 import numpy as np
-from PIL import ExifTags, Image, ImageOps
+from PIL import ExifTags, Image
 
 
 class BadImage(ValueError):
@@ -22,8 +22,22 @@ class BadImage(ValueError):
         self.status = status
 
 
-def open_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Decode any image Pillow reads (first frame of an animation), refusing bombs before decoding."""
+# Images much larger than the model's input are decoded (JPEG: in the DCT, at 1/2, 1/4 or 1/8 scale)
+# or reduced (every other format: box averages, right after decoding) to no less than this many
+# times the input's size per side before anything else touches them: a 24-megapixel photo for a
+# 28x28 model then needs about 1/64 of the memory. The final bilinear resize does the rest.
+KEEP_FACTOR = 4
+# Memory a decode may take, at most about 4 bytes per allowed pixel (what Pillow holds for a full
+# RGB decode): WebP decodes through several full-size RGBA copies (about 15 bytes per pixel), so
+# it gets a quarter of the pixel limit. See README, Reliability.
+WEBP_SHARE = 4
+
+
+def open_image(data: bytes, max_pixels: int, size: tuple[int, int] | None = None) -> Image.Image:
+    """Decode any image Pillow reads (first frame of an animation), refusing bombs before decoding.
+
+    With `size` (the model's width, height) a large JPEG is decoded at reduced scale (see KEEP_FACTOR).
+    """
     if not data:
         raise BadImage("empty request body: send the image bytes")
     try:
@@ -39,11 +53,46 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
         raise BadImage(
             f"image of {width}x{height} pixels exceeds the limit of {max_pixels} pixels", status=413
         )
+    if image.format == "WEBP" and width * height > max_pixels // WEBP_SHARE:
+        raise BadImage(f"WebP image of {width}x{height} pixels exceeds the limit for WebP of "
+                       f"{max_pixels // WEBP_SHARE} pixels (it decodes at full size, in several copies)", status=413)
     try:
+        if size is not None and image.format == "JPEG":
+            image.draft(image.mode, (size[0] * KEEP_FACTOR, size[1] * KEEP_FACTOR))
         image.load()
     except Exception as error:
         raise BadImage(f"truncated or corrupt image data ({error})") from None
     return image
+
+
+# EXIF orientation -> the transposition that shows the image upright (as ImageOps.exif_transpose)
+ORIENTATIONS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+                5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+                8: Image.Transpose.ROTATE_90}
+REDUCIBLE_MODES = ("L", "LA", "I", "F", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr")
+
+
+def reduce_early(image: Image.Image, height: int, width: int) -> tuple[Image.Image, tuple[float, ...] | None]:
+    """A decoded image at least 2 x KEEP_FACTOR times the input's size per side, box-reduced to no less
+    than KEEP_FACTOR times it, before any conversion multiplies its memory; and the region of the
+    reduced image that the original covers (its last row and column may average fewer pixels), for
+    the final resize. Palette and 16-bit images (which Pillow cannot reduce), images with a
+    transparent colour (averaging would blur it) and images near the input's size are returned as
+    they are, with no region."""
+    factor = min(image.width // (width * KEEP_FACTOR), image.height // (height * KEEP_FACTOR))
+    if factor < 2 or image.mode not in REDUCIBLE_MODES or "transparency" in image.info:
+        return image, None
+    region = (0.0, 0.0, image.width / factor, image.height / factor)
+    if image.mode not in ("LA", "RGBA"):
+        return image.reduce(factor), region
+    # Pillow reduces these through a premultiplied copy of the whole image: go strip by strip
+    # (at multiples of `factor`, so every box is the one a whole-image reduce would average).
+    reduced = Image.new(image.mode, (-(-image.width // factor), -(-image.height // factor)))
+    rows = factor * max(1, 4_000_000 // (4 * image.width * factor))  # strips of about 4 MB
+    for top in range(0, image.height, rows):
+        reduced.paste(image.crop((0, top, image.width, min(image.height, top + rows))).reduce(factor),
+                      (0, top // factor))
+    return reduced, region
 
 
 def to_pixels(image: Image.Image, channels: int, height: int, width: int,
@@ -51,22 +100,25 @@ def to_pixels(image: Image.Image, channels: int, height: int, width: int,
     """A decoded image -> uint8 array (channels, height, width), as the model was trained on.
 
     EXIF orientation is applied; transparency is composited onto `background` (an RGB triple
-    from the spec); the size is changed with bilinear resampling, without keeping the aspect ratio.
+    from the spec); the size is changed with bilinear resampling, without keeping the aspect ratio
+    (images far larger than that are box-reduced first: `reduce_early`). Each intermediate image is
+    dropped as soon as the next exists.
     """
-    if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:  # most images have none: no copy then
-        image = ImageOps.exif_transpose(image)
+    orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    if orientation in ORIENTATIONS:
+        image = image.transpose(ORIENTATIONS[orientation])
+    image, region = reduce_early(image, height, width)
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey: scale, don't clip
         grey = (np.asarray(image, dtype=np.float64) / 257.0).clip(0, 255).astype(np.uint8)
         image = Image.fromarray(grey, mode="L")
     if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        flat = Image.new("RGBA", rgba.size, (*background, 255))
-        image = Image.alpha_composite(flat, rgba)
+        image = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", image.size, (*background, 255)), image)
     mode = "L" if channels == 1 else "RGB"
     if image.mode != mode:
         image = image.convert(mode)
-    if image.size != (width, height):
-        image = image.resize((width, height), Image.Resampling.BILINEAR)
+    if image.size != (width, height) or region is not None:
+        image = image.resize((width, height), Image.Resampling.BILINEAR, box=region)
     pixels = np.frombuffer(image.tobytes(), dtype=np.uint8).reshape(height, width, channels)
     return pixels.transpose(2, 0, 1)
 

@@ -139,8 +139,13 @@ def image_pixels(image_bytes: bytes, classifier: Classifier) -> np.ndarray:
         pixels = png_pixels_at_size(image_bytes, channels, height, width)
         if pixels is not None:
             return pixels
-    image = open_image(image_bytes, classifier.max_pixels)
-    return to_pixels(image, channels, height, width, tuple(shape["background"]))
+    image = open_image(image_bytes, classifier.max_pixels, (width, height))
+    try:
+        return to_pixels(image, channels, height, width, tuple(shape["background"]))
+    except (BadImage, MemoryError):
+        raise
+    except Exception as error:  # e.g. malformed EXIF that Pillow parses only now
+        raise BadImage(f"corrupt image data ({type(error).__name__}: {error})"[:300]) from None
 
 
 def preprocess(image_bytes: bytes, classifier: Classifier) -> np.ndarray:

@@ -19,6 +19,11 @@ from handlers.pipeline import Classifier, Settings, classify_batch_json, load_cl
 
 log = logging.getLogger(__name__)
 PHRASES = {400: "Bad Request", 413: "Payload Too Large", 415: "Unsupported Media Type"}
+CONTENT_TYPE_SPELLINGS = ("Content-Type", "content-type", "Content-type")  # header names arrive as sent
+FORM_BODY = BadImage(
+    "the body arrived as an HTML form (Content-Type: application/x-www-form-urlencoded, what curl --data-binary "
+    "sends without -H): send the image bytes with their own type, e.g. curl -T image.png URL, or curl -H "
+    "'Content-Type: image/png' --data-binary @image.png URL", status=415)
 
 
 class ImageClassifierHandler:
@@ -40,7 +45,12 @@ class ImageClassifierHandler:
             return [describe(self.classifier)]
         # Answers as JSON text: TorchServe would otherwise encode each dict with json.dumps(indent=2),
         # in pure Python, which cost more than the model (same content, without the indentation).
-        results = classify_batch_json(data, self.classifier)
+        forms = [index for index in range(len(data)) if sent_as_form(context, index)]
+        if forms:  # the frontend parsed the image as a form: what reaches us is mangled bytes
+            results = classify_batch_json([{} if i in forms else row for i, row in enumerate(data)], self.classifier)
+            results = [FORM_BODY if i in forms else result for i, result in enumerate(results)]
+        else:
+            results = classify_batch_json(data, self.classifier)
         responses = []
         for index, result in enumerate(results):
             if isinstance(result, BadImage):
@@ -50,6 +60,14 @@ class ImageClassifierHandler:
             else:
                 responses.append(result)
         return responses
+
+
+def sent_as_form(context, index: int) -> bool:
+    for name in CONTENT_TYPE_SPELLINGS:
+        value = context.get_request_header(index, name)
+        if value is not None:
+            return value.split(";")[0].strip().lower() == "application/x-www-form-urlencoded"
+    return False
 
 
 def describe(classifier: Classifier) -> dict:
