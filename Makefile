@@ -14,6 +14,7 @@
 #   make image-size            the serving image's size
 #   make bench                 all benchmarks (bench-train, bench-export, bench-serve)
 #   make bench-serve-sweep     serving settings (workers x batchSize x maxBatchDelay) measured side by side
+#   make fuzz                  coverage-guided fuzzing of image decoding (atheris), FUZZ_SECONDS=120
 #   make profile-serve         where a worker's time goes under load (py-spy; ARCHIVE=NAME-int8, noop, ...)
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -32,7 +33,7 @@ MODEL_NAME ?= $(NAME)
 MODEL_STORE ?= model_store
 
 .PHONY: venv data java browser train export serve samples predict demo report test docker-offline image-size \
-        bench bench-train bench-export bench-serve bench-serve-sweep profile-serve wrk lint clean help
+        bench bench-train bench-export bench-serve bench-serve-sweep profile-serve wrk fuzz lint clean help
 
 help:
 	@sed -n '1,/^SHELL/p' Makefile | grep '^#' | sed 's/^# \{0,1\}//'
@@ -151,6 +152,11 @@ bench-serve-sweep: venv java wrk
 
 profile-serve: venv java wrk
 	$(PY) bench/profile_serve.py --name $(NAME) $(if $(ARCHIVE),--archive $(ARCHIVE))
+
+# Found inputs land in tests/fuzz_corpus/ (replayed by make test); bounded by FUZZ_SECONDS.
+FUZZ_SECONDS ?= 120
+fuzz: venv
+	$(PY) tests/fuzz_decode.py $(FUZZ_SECONDS)
 
 clean:
 	rm -rf artifacts logs model_store/*.mar .pytest_cache
