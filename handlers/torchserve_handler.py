@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import tempfile
+import time
 from pathlib import Path
 
 from handlers.image import BadImage
@@ -33,11 +36,17 @@ class ImageClassifierHandler:
         self.classifier: Classifier | None = None  # set once by initialize, never changed after
 
     def initialize(self, context) -> None:
-        properties = context.system_properties
-        yaml_config = context.model_yaml_config or {}
-        settings = Settings.from_yaml(yaml_config.get("handler", {}), context.manifest["model"]["serializedFile"])
-        workers = int(yaml_config.get("minWorkers", 1))
-        self.classifier = load_classifier(Path(properties["model_dir"]), settings, workers, properties.get("gpu_id"))
+        try:
+            properties = context.system_properties
+            yaml_config = context.model_yaml_config or {}
+            settings = Settings.from_yaml(yaml_config.get("handler", {}), context.manifest["model"]["serializedFile"])
+            workers = int(yaml_config.get("minWorkers", 1))
+            self.classifier = load_classifier(Path(properties["model_dir"]), settings, workers,
+                                              properties.get("gpu_id"))
+        except Exception as error:  # TorchServe retries the worker; the health check says why it fails
+            record_load_status(context.model_name, f"{type(error).__name__}: {error}")
+            raise
+        record_load_status(context.model_name, None)
         log.info("loaded %s with %s on %s", context.model_name, settings.backend, self.classifier.device)
 
     def handle(self, data: list[dict], context) -> list:
@@ -60,6 +69,27 @@ class ImageClassifierHandler:
             else:
                 responses.append(result)
         return responses
+
+
+def status_dir() -> Path:
+    """Where workers record why a model failed to load, for docker/healthcheck.py (same default there)."""
+    return Path(os.environ.get("KIT_STATUS_DIR") or tempfile.gettempdir()) / "image-classifier-kit"
+
+
+def record_load_status(model_name: str, error: str | None) -> None:
+    """Writes (atomically) or, after a successful load, removes <status_dir>/<model>.json."""
+    path = status_dir() / f"{model_name}.json"
+    try:
+        if error is None:
+            path.unlink(missing_ok=True)
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}")
+        temporary.write_text(json.dumps({"model": model_name, "error": error.splitlines()[0][:500] if error else "",
+                                         "pid": os.getpid(), "time": time.time()}))
+        temporary.replace(path)
+    except OSError as problem:  # a read-only or full disk must not hide the real error
+        log.warning("cannot record the load status of %s: %s", model_name, problem)
 
 
 def sent_as_form(context, index: int) -> bool:
