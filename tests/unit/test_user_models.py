@@ -339,3 +339,16 @@ def test_resume_refuses_a_model_file_edited_since_the_interrupted_run(tmp_path):
     source.write_text(source.read_text().replace("hidden=32", "hidden=33"))
     with pytest.raises(UserError, match="changed since"):
         train(tiny_config(artifacts, model=f"{source}:Net", resume=artifacts / "tiny" / "last.pt"))
+
+
+def test_init_from_a_user_models_checkpoint_rebuilds_it_from_the_source_the_checkpoint_carries(tmp_path):
+    source = net_file(tmp_path)
+    artifacts = tmp_path / "artifacts"
+    train(tiny_config(artifacts, name="parent", model=f"{source}:Net", model_args={"hidden": 20}))
+    source.unlink()  # the child needs only the parent's checkpoint
+    train(tiny_config(artifacts, name="child", model=None, init_from=artifacts / "parent" / "checkpoint.pt"))
+    parent, child = (json.loads((artifacts / name / "spec.json").read_text()) for name in ("parent", "child"))
+    assert child["arch"] == parent["arch"] and child["model"] == parent["model"]
+    assert child["arch_args"]["hidden"] == 20
+    copies = [(artifacts / name / "model_source.py").read_text() for name in ("parent", "child")]
+    assert copies[0] == copies[1]
