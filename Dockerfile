@@ -43,7 +43,7 @@ RUN python_packages=$(python3 -c "import sys" 2>/dev/null || echo python3) \
  && rm -rf /var/lib/apt/lists/* /var/cache/apt/* /var/log/apt /var/log/dpkg.log \
  && useradd --system --uid 10001 --create-home --home-dir /home/serve --shell /usr/sbin/nologin serve
 COPY --from=venv /opt/venv /opt/venv
-COPY config.properties docker/log4j2.xml docker/healthcheck.py /home/serve/
+COPY config.properties docker/log4j2.xml docker/healthcheck.py docker/memory_budget.py /home/serve/
 # serve-kserve runs python -m handlers.kserve_model from /opt/kit; TorchServe's workers use the
 # handlers inside each archive instead.
 COPY handlers/ /opt/kit/handlers/
@@ -60,5 +60,8 @@ ENV PATH=/opt/venv/bin:$PATH \
 USER serve
 WORKDIR /home/serve
 EXPOSE 8080 8082 8085 8086
-CMD ["torchserve", "--start", "--foreground", "--ncs", "--ts-config", "/home/serve/config.properties", \
+# First the memory check (docker/memory_budget.py: the models must fit the container's limit, or it
+# stops with one line saying what to change), then TorchServe in place of it.
+CMD ["python3", "/home/serve/memory_budget.py", "--", \
+     "torchserve", "--start", "--foreground", "--ncs", "--ts-config", "/home/serve/config.properties", \
      "--model-store", "/home/serve/model_store", "--log-config", "/home/serve/log4j2.xml"]

@@ -15,6 +15,9 @@
 #   make docker-offline        prepare a machine without registry access for `docker compose up`
 #   make image-size            the serving image's size
 #   make bench                 all benchmarks (bench-train, bench-export, bench-serve)
+#   make bench-serve-sweep     serving settings (workers x batchSize x maxBatchDelay) measured side by side
+#   make fuzz                  coverage-guided fuzzing of image decoding (atheris), FUZZ_SECONDS=120
+#   make profile-serve         where a worker's time goes under load (py-spy; ARCHIVE=NAME-int8, noop, ...)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -31,8 +34,9 @@ IMAGE ?=
 MODEL_NAME ?= $(NAME)
 MODEL_STORE ?= model_store
 
-.PHONY: venv data java browser train export serve serve-kserve kserve-store samples predict demo report test docker-offline image-size \
-        bench bench-train bench-export bench-serve lint clean help
+.PHONY: venv data java browser train export serve serve-kserve kserve-store samples predict demo report test \
+        docker-offline image-size bench bench-train bench-export bench-serve bench-serve-sweep profile-serve wrk \
+        fuzz lint clean help
 
 help:
 	@sed -n '1,/^SHELL/p' Makefile | grep '^#' | sed 's/^# \{0,1\}//'
@@ -158,10 +162,23 @@ bench-train: venv data
 bench-export: venv
 	$(PY) bench/export_speed.py --name $(NAME)
 
-bench-serve: venv java
+wrk:
 	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -qq wrk >/dev/null; } \
 	  || { echo "error: the load benchmark needs wrk (apt-get install wrk)" >&2; exit 1; }
+
+bench-serve: venv java wrk
 	$(PY) bench/serve_load.py --name $(NAME)
+
+bench-serve-sweep: venv java wrk
+	$(PY) bench/serve_sweep.py --name $(NAME)
+
+profile-serve: venv java wrk
+	$(PY) bench/profile_serve.py --name $(NAME) $(if $(ARCHIVE),--archive $(ARCHIVE))
+
+# Found inputs land in tests/fuzz_corpus/ (replayed by make test); bounded by FUZZ_SECONDS.
+FUZZ_SECONDS ?= 120
+fuzz: venv
+	$(PY) tests/fuzz_decode.py $(FUZZ_SECONDS)
 
 clean:
 	rm -rf artifacts logs model_store/*.mar .pytest_cache

@@ -3,13 +3,16 @@
 Only the standard library: it runs wherever Python does, beside the server or far from it.
   python -m client shoe.png bag.jpg                    # model fashion-mnist on localhost:8080
   python -m client --model fashion-mnist-torchscript --top 5 shoe.png
+A 503 (the server sheds load when its queue is full) is retried with backoff, up to 6 times.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -30,6 +33,19 @@ def predict(url: str, image: bytes, timeout: float = 30) -> tuple[int, dict]:
             return error.code, {"error": body.decode(errors="replace").strip()}
 
 
+RETRIES = 6  # 503: the server's queue is full (or a worker is restarting); back off and try again
+
+
+def predict_with_retries(url: str, image: bytes, retries: int = RETRIES) -> tuple[int, dict]:
+    """`predict`, retrying a 503 with exponential backoff and jitter (0.1 s, 0.2 s, ... about 6 s in all)."""
+    for attempt in range(retries + 1):
+        status, body = predict(url, image)
+        if status != 503 or attempt == retries:
+            return status, body
+        time.sleep(0.1 * 2**attempt * random.uniform(0.5, 1.5))
+    raise AssertionError("unreachable")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m client", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -47,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             failures += 1
             continue
         try:
-            status, body = predict(f"{args.url}/predictions/{args.model}", image)
+            status, body = predict_with_retries(f"{args.url}/predictions/{args.model}", image)
         except OSError as error:  # refused connection, timeout: the same for every other image
             reason = getattr(error, "reason", None) or error
             print(f"error: cannot reach {args.url} ({reason}): start the server (make serve, or "

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export import convert, parity
+from export import convert, parity, quantize
 from export.archive import ServingConfig, build_archive, ensure_writable
 from export.checkpoint import load_trained
 from export.report import update_report
@@ -117,6 +117,8 @@ def export(config: ExportConfig) -> dict:
         archive = build_archive(config.name + suffix, out_dir / file_name, spec_file, backend,
                                 config.model_store, config.serving)
         print(f"wrote {archive} ({archive.stat().st_size / 1e6:.1f} MB, {backend})")
+    # INT8 (its own gate; a failure leaves the two archives above in place)
+    quantize.export_int8(config.name, out_dir, spec, test_batches, report, config.model_store, config.serving)
     update_report(out_dir, config.model_store)
     print(f"export took {time.perf_counter() - started:.1f}s")
     return report

@@ -7,9 +7,11 @@ in training's `folder:` loader, so serving sees exactly the pixels training saw.
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image
 
 
 class BadImage(ValueError):
@@ -20,8 +22,22 @@ class BadImage(ValueError):
         self.status = status
 
 
-def open_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Decode any image Pillow reads (first frame of an animation), refusing bombs before decoding."""
+# Images much larger than the model's input are decoded (JPEG: in the DCT, at 1/2, 1/4 or 1/8 scale)
+# or reduced (every other format: box averages, right after decoding) to no less than this many
+# times the input's size per side before anything else touches them: a 24-megapixel photo for a
+# 28x28 model then needs about 1/64 of the memory. The final bilinear resize does the rest.
+KEEP_FACTOR = 4
+# Memory a decode may take, at most about 4 bytes per allowed pixel (what Pillow holds for a full
+# RGB decode): WebP decodes through several full-size RGBA copies (about 15 bytes per pixel), so
+# it gets a quarter of the pixel limit. See README, Reliability.
+WEBP_SHARE = 4
+
+
+def open_image(data: bytes, max_pixels: int, size: tuple[int, int] | None = None) -> Image.Image:
+    """Decode any image Pillow reads (first frame of an animation), refusing bombs before decoding.
+
+    With `size` (the model's width, height) a large JPEG is decoded at reduced scale (see KEEP_FACTOR).
+    """
     if not data:
         raise BadImage("empty request body: send the image bytes")
     try:
@@ -37,11 +53,46 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
         raise BadImage(
             f"image of {width}x{height} pixels exceeds the limit of {max_pixels} pixels", status=413
         )
+    if image.format == "WEBP" and width * height > max_pixels // WEBP_SHARE:
+        raise BadImage(f"WebP image of {width}x{height} pixels exceeds the limit for WebP of "
+                       f"{max_pixels // WEBP_SHARE} pixels (it decodes at full size, in several copies)", status=413)
     try:
+        if size is not None and image.format == "JPEG":
+            image.draft(image.mode, (size[0] * KEEP_FACTOR, size[1] * KEEP_FACTOR))
         image.load()
     except Exception as error:
         raise BadImage(f"truncated or corrupt image data ({error})") from None
     return image
+
+
+# EXIF orientation -> the transposition that shows the image upright (as ImageOps.exif_transpose)
+ORIENTATIONS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+                5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+                8: Image.Transpose.ROTATE_90}
+REDUCIBLE_MODES = ("L", "LA", "I", "F", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr")
+
+
+def reduce_early(image: Image.Image, height: int, width: int) -> tuple[Image.Image, tuple[float, ...] | None]:
+    """A decoded image at least 2 x KEEP_FACTOR times the input's size per side, box-reduced to no less
+    than KEEP_FACTOR times it, before any conversion multiplies its memory; and the region of the
+    reduced image that the original covers (its last row and column may average fewer pixels), for
+    the final resize. Palette and 16-bit images (which Pillow cannot reduce), images with a
+    transparent colour (averaging would blur it) and images near the input's size are returned as
+    they are, with no region."""
+    factor = min(image.width // (width * KEEP_FACTOR), image.height // (height * KEEP_FACTOR))
+    if factor < 2 or image.mode not in REDUCIBLE_MODES or "transparency" in image.info:
+        return image, None
+    region = (0.0, 0.0, image.width / factor, image.height / factor)
+    if image.mode not in ("LA", "RGBA"):
+        return image.reduce(factor), region
+    # Pillow reduces these through a premultiplied copy of the whole image: go strip by strip
+    # (at multiples of `factor`, so every box is the one a whole-image reduce would average).
+    reduced = Image.new(image.mode, (-(-image.width // factor), -(-image.height // factor)))
+    rows = factor * max(1, 4_000_000 // (4 * image.width * factor))  # strips of about 4 MB
+    for top in range(0, image.height, rows):
+        reduced.paste(image.crop((0, top, image.width, min(image.height, top + rows))).reduce(factor),
+                      (0, top // factor))
+    return reduced, region
 
 
 def to_pixels(image: Image.Image, channels: int, height: int, width: int,
@@ -49,21 +100,77 @@ def to_pixels(image: Image.Image, channels: int, height: int, width: int,
     """A decoded image -> uint8 array (channels, height, width), as the model was trained on.
 
     EXIF orientation is applied; transparency is composited onto `background` (an RGB triple
-    from the spec); the size is changed with bilinear resampling, without keeping the aspect ratio.
+    from the spec); the size is changed with bilinear resampling, without keeping the aspect ratio
+    (images far larger than that are box-reduced first: `reduce_early`). Each intermediate image is
+    dropped as soon as the next exists.
     """
-    image = ImageOps.exif_transpose(image)
+    orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    if orientation in ORIENTATIONS:
+        image = image.transpose(ORIENTATIONS[orientation])
+    image, region = reduce_early(image, height, width)
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey: scale, don't clip
         grey = (np.asarray(image, dtype=np.float64) / 257.0).clip(0, 255).astype(np.uint8)
         image = Image.fromarray(grey, mode="L")
     if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        flat = Image.new("RGBA", rgba.size, (*background, 255))
-        image = Image.alpha_composite(flat, rgba)
-    image = image.convert("L" if channels == 1 else "RGB")
-    if image.size != (width, height):
-        image = image.resize((width, height), Image.Resampling.BILINEAR)
-    pixels = np.asarray(image, dtype=np.uint8)
-    return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
+        image = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", image.size, (*background, 255)), image)
+    mode = "L" if channels == 1 else "RGB"
+    if image.mode != mode:
+        image = image.convert(mode)
+    if image.size != (width, height) or region is not None:
+        image = image.resize((width, height), Image.Resampling.BILINEAR, box=region)
+    pixels = np.frombuffer(image.tobytes(), dtype=np.uint8).reshape(height, width, channels)
+    return pixels.transpose(2, 0, 1)
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Chunks that cannot change the pixels the general path produces: Pillow applies no gamma, colour
+# profile or resolution. Anything else (tRNS, PLTE, eXIf, text that may carry EXIF or XMP
+# orientation, ...) takes the general path.
+PNG_INERT_CHUNKS = frozenset({b"gAMA", b"cHRM", b"sRGB", b"pHYs", b"tIME"})
+PNG_COLOUR_TYPES = {1: 0, 3: 2}  # model channels -> PNG colour type (grey, RGB)
+PNG_MAX_CHUNKS = 16  # a plain small image has 3-8; more goes to the general path
+
+
+def png_pixels_at_size(data: bytes, channels: int, height: int, width: int) -> np.ndarray | None:
+    """The fast path for what clients of a small model mostly send: a plain 8-bit PNG already at the
+    model's size and mode (grey or RGB, not interlaced, no transparency, palette or orientation).
+
+    It skips Pillow's Python-level PNG parser (most of the decoding time at 28x28) but decodes the
+    image data with Pillow's own decoder, so the pixels are exactly those of `to_pixels(open_image())`.
+    Returns uint8 (channels, height, width), or None for anything else, including every damaged
+    file, so that the general path answers it (and words its error) as before.
+    """
+    colour_type = PNG_COLOUR_TYPES.get(channels)
+    # IHDR: this size, 8 bits, this colour type, compression 0, filter method 0, not interlaced
+    header = struct.pack(">I4sIIBBBBB", 13, b"IHDR", width, height, 8, colour_type or 0, 0, 0, 0)
+    if colour_type is None or not data.startswith(PNG_SIGNATURE + header):  # decided in the first 29 bytes
+        return None
+    chunks = []  # (kind, body) up to IEND, every CRC checked
+    position = len(PNG_SIGNATURE)
+    while not chunks or chunks[-1][0] != b"IEND":
+        if position + 12 > len(data) or len(chunks) == PNG_MAX_CHUNKS:
+            return None
+        length, kind = struct.unpack_from(">I4s", data, position)
+        end = position + 12 + length
+        body = data[position + 8:end - 4]
+        if end > len(data) or zlib.crc32(body, zlib.crc32(kind)) != struct.unpack_from(">I", data, end - 4)[0]:
+            return None
+        chunks.append((kind, body))
+        position = end
+    kinds = [kind for kind, _ in chunks]
+    first_data = kinds.index(b"IDAT") if b"IDAT" in kinds else len(kinds)
+    # IHDR, inert chunks, one run of IDAT, IEND: the only layout this path takes.
+    if (not set(kinds[1:first_data]) <= PNG_INERT_CHUNKS
+            or set(kinds[first_data:-1]) != {b"IDAT"}):
+        return None
+    image_data = b"".join(body for _, body in chunks[first_data:-1])
+    mode = "L" if channels == 1 else "RGB"
+    try:
+        image = Image.frombytes(mode, (width, height), image_data, "zip", mode, 0)
+    except (ValueError, OSError):  # damaged image data: the general path says what is wrong
+        return None
+    return np.frombuffer(image.tobytes(), dtype=np.uint8).reshape(height, width, channels).transpose(2, 0, 1)
 
 
 def normalize(pixels: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:

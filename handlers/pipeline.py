@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import os
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from handlers.image import BadImage, normalize, open_image, to_pixels
+from handlers.image import BadImage, normalize, open_image, png_pixels_at_size, to_pixels
 
 BACKENDS = ("onnxruntime", "torchscript")
 DEFAULT_MAX_PIXELS = 24_000_000  # a 24-megapixel photo decodes to 72 MB of RGB: refuse beyond that
@@ -150,12 +151,26 @@ def decode_request(request: dict) -> bytes:
     raise BadImage('JSON body must be {"data": "<base64-encoded image>"}')
 
 
+def image_pixels(image_bytes: bytes, classifier: Classifier) -> np.ndarray:
+    """Image bytes -> uint8 (C, H, W) at the model's size: the PNG fast path, else the general one."""
+    shape = classifier.spec["input"]
+    channels, height, width = shape["channels"], shape["height"], shape["width"]
+    if height * width <= classifier.max_pixels:
+        pixels = png_pixels_at_size(image_bytes, channels, height, width)
+        if pixels is not None:
+            return pixels
+    image = open_image(image_bytes, classifier.max_pixels, (width, height))
+    try:
+        return to_pixels(image, channels, height, width, tuple(shape["background"]))
+    except (BadImage, MemoryError):
+        raise
+    except Exception as error:  # e.g. malformed EXIF that Pillow parses only now
+        raise BadImage(f"corrupt image data ({type(error).__name__}: {error})"[:300]) from None
+
+
 def preprocess(image_bytes: bytes, classifier: Classifier) -> np.ndarray:
     """Image bytes -> float32 (C, H, W), normalized as in training."""
-    shape = classifier.spec["input"]
-    image = open_image(image_bytes, classifier.max_pixels)
-    pixels = to_pixels(image, shape["channels"], shape["height"], shape["width"], tuple(shape["background"]))
-    return normalize(pixels, classifier.mean, classifier.std)
+    return normalize(image_pixels(image_bytes, classifier), classifier.mean, classifier.std)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -164,27 +179,75 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return exponentials / exponentials.sum(axis=1, keepdims=True)
 
 
+def results(probabilities: np.ndarray, class_names: list[str]) -> list[dict]:
+    """Probabilities (N, classes) -> one {"label", "index", "probabilities"} per image, classes in order."""
+    answers = []
+    for row, index in zip(probabilities.tolist(), probabilities.argmax(axis=1).tolist()):
+        answers.append({"label": class_names[index], "index": index, "probabilities": dict(zip(class_names, row))})
+    return answers
+
+
 def postprocess(logits: np.ndarray, class_names: list[str]) -> list[dict]:
     """Logits (N, classes) -> one {"label", "index", "probabilities"} per image, classes in order."""
-    probabilities = softmax(logits)
-    results = []
-    for row in probabilities:
-        index = int(row.argmax())
-        results.append({"label": class_names[index], "index": index,
-                        "probabilities": {name: float(p) for name, p in zip(class_names, row)}})
-    return results
+    return results(softmax(logits), class_names)
+
+
+@functools.lru_cache(maxsize=8)
+def json_template(class_names: tuple[str, ...]) -> tuple[str, tuple[str, ...]]:
+    """A %-format string for one answer, and each label as a JSON string: what json.dumps writes."""
+    keys = ", ".join(json.dumps(name).replace("%", "%%") + ": %r" for name in class_names)
+    return '{"label": %s, "index": %d, "probabilities": {' + keys + "}}", tuple(map(json.dumps, class_names))
+
+
+def results_json(probabilities: np.ndarray, class_names: list[str]) -> list[str]:
+    """The same answers as `results`, each as the text `json.dumps` gives for it, about 10x faster.
+
+    A float's repr is what json.dumps writes for it; a non-finite probability (a broken model) is
+    left to json.dumps itself, which writes NaN/Infinity its own way.
+    """
+    if not np.isfinite(probabilities).all():
+        return [json.dumps(answer) for answer in results(probabilities, class_names)]
+    template, labels = json_template(tuple(class_names))
+    return [template % (labels[index], index, *row)
+            for row, index in zip(probabilities.tolist(), probabilities.argmax(axis=1).tolist())]
+
+
+@functools.lru_cache(maxsize=8)
+def normalization_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """float32 (channels, 256): `normalize` of every uint8 value in every channel, computed by `normalize`
+    itself, so looking pixels up in it gives exactly its values (in one operation instead of four)."""
+    values = np.broadcast_to(np.arange(256, dtype=np.uint8), (len(mean), 1, 256))
+    return np.ascontiguousarray(normalize(values, np.float32(mean), np.float32(std))[:, 0, :])
+
+
+def probabilities_of_batch(requests: list[dict], classifier: Classifier) -> tuple[list[int | BadImage], np.ndarray]:
+    """One forward pass for the good images of a batch: (per request, the row of its probabilities or
+    its BadImage; the probabilities, float64 (good images, classes)). Pixels are normalized as one
+    batch (the same float32 operations as one image at a time, so the same values)."""
+    pixels: list[np.ndarray] = []
+    outcome: list[int | BadImage] = []
+    for request in requests:
+        try:
+            pixels.append(image_pixels(decode_request(request), classifier))
+            outcome.append(len(pixels) - 1)
+        except BadImage as error:
+            outcome.append(error)
+    if not pixels:
+        return outcome, np.empty((0, len(classifier.spec["class_names"])))
+    table = normalization_table(tuple(classifier.mean.tolist()), tuple(classifier.std.tolist()))
+    batch = table[np.arange(len(table)).reshape(1, -1, 1, 1), np.stack(pixels)]  # one lookup per pixel
+    return outcome, softmax(classifier.infer(batch))
 
 
 def classify_batch(requests: list[dict], classifier: Classifier) -> list[dict | BadImage]:
     """One forward pass for the good images of a batch; a bad image fails only its own entry."""
-    inputs: list[np.ndarray] = []
-    outcome: list[Any] = []
-    for request in requests:
-        try:
-            inputs.append(preprocess(decode_request(request), classifier))
-            outcome.append(len(inputs) - 1)
-        except BadImage as error:
-            outcome.append(error)
-    if inputs:
-        predictions = postprocess(classifier.infer(np.stack(inputs)), classifier.spec["class_names"])
-    return [entry if isinstance(entry, BadImage) else predictions[entry] for entry in outcome]
+    outcome, probabilities = probabilities_of_batch(requests, classifier)
+    answers = results(probabilities, classifier.spec["class_names"])
+    return [entry if isinstance(entry, BadImage) else answers[entry] for entry in outcome]
+
+
+def classify_batch_json(requests: list[dict], classifier: Classifier) -> list[str | BadImage]:
+    """`classify_batch` with each answer already JSON text (what the TorchServe handler returns)."""
+    outcome, probabilities = probabilities_of_batch(requests, classifier)
+    answers = results_json(probabilities, classifier.spec["class_names"])
+    return [entry if isinstance(entry, BadImage) else answers[entry] for entry in outcome]

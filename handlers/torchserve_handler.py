@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import tempfile
+import time
 from pathlib import Path
 
 from handlers import oip
@@ -24,7 +27,7 @@ from handlers.image import BadImage
 from handlers.pipeline import (
     Classifier,
     Settings,
-    classify_batch,
+    classify_batch_json,
     load_classifier,
     probabilities_of_images,
     probabilities_of_inputs,
@@ -32,6 +35,11 @@ from handlers.pipeline import (
 
 log = logging.getLogger(__name__)
 PHRASES = {400: "Bad Request", 413: "Payload Too Large", 415: "Unsupported Media Type"}
+CONTENT_TYPE_SPELLINGS = ("Content-Type", "content-type", "Content-type")  # header names arrive as sent
+FORM_BODY = BadImage(
+    "the body arrived as an HTML form (Content-Type: application/x-www-form-urlencoded, what curl --data-binary "
+    "sends without -H): send the image bytes with their own type, e.g. curl -T image.png URL, or curl -H "
+    "'Content-Type: image/png' --data-binary @image.png URL", status=415)
 
 
 class ImageClassifierHandler:
@@ -41,11 +49,17 @@ class ImageClassifierHandler:
         self.classifier: Classifier | None = None  # set once by initialize, never changed after
 
     def initialize(self, context) -> None:
-        properties = context.system_properties
-        yaml_config = context.model_yaml_config or {}
-        settings = Settings.from_yaml(yaml_config.get("handler", {}), context.manifest["model"]["serializedFile"])
-        workers = int(yaml_config.get("minWorkers", 1))
-        self.classifier = load_classifier(Path(properties["model_dir"]), settings, workers, properties.get("gpu_id"))
+        try:
+            properties = context.system_properties
+            yaml_config = context.model_yaml_config or {}
+            settings = Settings.from_yaml(yaml_config.get("handler", {}), context.manifest["model"]["serializedFile"])
+            workers = int(yaml_config.get("minWorkers", 1))
+            self.classifier = load_classifier(Path(properties["model_dir"]), settings, workers,
+                                              properties.get("gpu_id"))
+        except Exception as error:  # TorchServe retries the worker; the health check says why it fails
+            record_load_status(context.model_name, f"{type(error).__name__}: {error}")
+            raise
+        record_load_status(context.model_name, None)
         log.info("loaded %s with %s on %s", context.model_name, settings.backend, self.classifier.device)
 
     def handle(self, data: list[dict], context) -> list:
@@ -53,8 +67,13 @@ class ImageClassifierHandler:
             return [describe(self.classifier)]
         responses: list = [None] * len(data)
         predictions = [i for i in range(len(data)) if context.get_request_header(i, "url_path") is not None]
-        results = classify_batch([data[i] for i in predictions], self.classifier)
+        forms = {i for i in predictions if sent_as_form(context, i)}
+        # Answers as JSON text: TorchServe would otherwise encode each dict with json.dumps(indent=2),
+        # in pure Python, which cost more than the model (same content, without the indentation).
+        results = classify_batch_json([{} if i in forms else data[i] for i in predictions], self.classifier)
         for index, result in zip(predictions, results):
+            if index in forms:  # the frontend parsed the image as a form: what reaches us is mangled bytes
+                result = FORM_BODY
             if isinstance(result, BadImage):
                 context.set_response_status(result.status, PHRASES.get(result.status, "Bad Request"), index)
                 context.set_response_content_type(index, "application/json")
@@ -101,6 +120,35 @@ class ImageClassifierHandler:
             context.set_response_content_type(index, "application/octet-stream")
             context.set_response_header(index, "Inference-Header-Content-Length", str(json_length))
         return answer
+
+
+def status_dir() -> Path:
+    """Where workers record why a model failed to load, for docker/healthcheck.py (same default there)."""
+    return Path(os.environ.get("KIT_STATUS_DIR") or tempfile.gettempdir()) / "image-classifier-kit"
+
+
+def record_load_status(model_name: str, error: str | None) -> None:
+    """Writes (atomically) or, after a successful load, removes <status_dir>/<model>.json."""
+    path = status_dir() / f"{model_name}.json"
+    try:
+        if error is None:
+            path.unlink(missing_ok=True)
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}")
+        temporary.write_text(json.dumps({"model": model_name, "error": error.splitlines()[0][:500] if error else "",
+                                         "pid": os.getpid(), "time": time.time()}))
+        temporary.replace(path)
+    except OSError as problem:  # a read-only or full disk must not hide the real error
+        log.warning("cannot record the load status of %s: %s", model_name, problem)
+
+
+def sent_as_form(context, index: int) -> bool:
+    for name in CONTENT_TYPE_SPELLINGS:
+        value = context.get_request_header(index, name)
+        if value is not None:
+            return value.split(";")[0].strip().lower() == "application/x-www-form-urlencoded"
+    return False
 
 
 def describe(classifier: Classifier) -> dict:

@@ -236,7 +236,7 @@ class FolderImages(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         channels, height, width = self.shape
-        image = open_image(self.files[index].read_bytes(), NO_PIXEL_LIMIT)
+        image = open_image(self.files[index].read_bytes(), NO_PIXEL_LIMIT, (width, height))  # as serving decodes
         pixels = to_pixels(image, channels, height, width, BACKGROUND)
         return torch.from_numpy(pixels.copy()), self.labels[index]
 

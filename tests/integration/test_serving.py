@@ -8,6 +8,7 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 
 import harness
+import numpy as np
 import pytest
 from served import BAD_INPUTS, assert_matches_eager
 
@@ -142,3 +143,24 @@ def test_client_prints_top_classes_and_reports_errors(server, served_images, tmp
     label = served_images[2][int(served_images[1][0].argmax())]
     assert result.stdout.startswith(f"{good}: {label}  (") and result.stdout.count("%") == 2
     assert f"{bad}: error 400: not an image" in result.stderr
+
+
+def test_int8_archive_answers_with_the_quantized_model(server, served_images, exported):
+    out_dir, store = exported
+    int8 = json.loads((out_dir / "parity.json").read_text())["int8"]
+    if not (store / "fmnist-int8.mar").is_file():  # export's gate decides; the unit tests cover both outcomes
+        assert not int8["passed"]
+        pytest.skip(f"export wrote no INT8 archive on this machine: {int8['why_not']}")
+    server.wait_ready(["fmnist-int8"])
+    pngs, probabilities, class_names = served_images
+    agree = 0
+    for image, expected in zip(pngs, probabilities):
+        status, body, _ = server.predict("fmnist-int8", image, "image/png")
+        assert status == 200, body
+        assert list(body["probabilities"]) == class_names and body["label"] == class_names[body["index"]]
+        served = np.array(list(body["probabilities"].values()))
+        assert abs(served.sum() - 1) <= 1e-5 and np.abs(served - expected).max() <= 0.1
+        agree += body["index"] == int(expected.argmax())
+    assert agree >= 0.9 * len(pngs)
+    status, body, _ = server.predict("fmnist-int8", b"not an image")
+    assert status == 400 and "not an image" in body["error"]
