@@ -108,25 +108,6 @@ def load_classifier(model_dir: Path, settings: Settings, workers: int, gpu_id: i
                       settings.max_pixels, infer, device)
 
 
-# ---------------------------------------------------------------------------- one request, N images (OIP)
-
-def probabilities_of_images(images: list[bytes], classifier: Classifier) -> np.ndarray:
-    """N encoded images -> probabilities float64 (N, classes) in one forward pass. The images come in
-    one request, which succeeds or fails as a whole: a bad image raises BadImage naming its position."""
-    inputs = []
-    for position, image in enumerate(images):
-        try:
-            inputs.append(preprocess(image, classifier))
-        except BadImage as error:
-            raise BadImage(f"image {position}: {error}", error.status) from None
-    return probabilities_of_inputs(np.stack(inputs), classifier)
-
-
-def probabilities_of_inputs(batch: np.ndarray, classifier: Classifier) -> np.ndarray:
-    """Normalized float32 (N, C, H, W), as `preprocess` makes them -> probabilities float64 (N, classes)."""
-    return softmax(classifier.infer(batch))
-
-
 # ---------------------------------------------------------------------------- the four steps
 
 def decode_request(request: dict) -> bytes:
@@ -234,9 +215,33 @@ def probabilities_of_batch(requests: list[dict], classifier: Classifier) -> tupl
             outcome.append(error)
     if not pixels:
         return outcome, np.empty((0, len(classifier.spec["class_names"])))
+    return outcome, probabilities_of_pixels(pixels, classifier)
+
+
+def probabilities_of_pixels(pixels: list[np.ndarray], classifier: Classifier) -> np.ndarray:
+    """uint8 (C, H, W) images at the model's size -> probabilities float64 (N, classes), normalized as
+    one batch (the same float32 operations as one image at a time, so the same values)."""
     table = normalization_table(tuple(classifier.mean.tolist()), tuple(classifier.std.tolist()))
     batch = table[np.arange(len(table)).reshape(1, -1, 1, 1), np.stack(pixels)]  # one lookup per pixel
-    return outcome, softmax(classifier.infer(batch))
+    return probabilities_of_inputs(batch, classifier)
+
+
+def probabilities_of_inputs(batch: np.ndarray, classifier: Classifier) -> np.ndarray:
+    """Normalized float32 (N, C, H, W), as `preprocess` makes them -> probabilities float64 (N, classes)."""
+    return softmax(classifier.infer(batch))
+
+
+def probabilities_of_images(images: list[bytes], classifier: Classifier) -> np.ndarray:
+    """N encoded images of one request (the Open Inference Protocol's `image` input) -> probabilities
+    float64 (N, classes) in one forward pass. The request succeeds or fails as a whole: a bad image
+    raises BadImage naming its position."""
+    pixels = []
+    for position, image in enumerate(images):
+        try:
+            pixels.append(image_pixels(image, classifier))
+        except BadImage as error:
+            raise BadImage(f"image {position}: {error}", error.status) from None
+    return probabilities_of_pixels(pixels, classifier)
 
 
 def classify_batch(requests: list[dict], classifier: Classifier) -> list[dict | BadImage]:

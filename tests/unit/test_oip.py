@@ -208,7 +208,8 @@ def test_handler_answers_predictions_and_oip_requests_of_one_batch(exported_tiny
                        3: oip_rest, 4: {}}  # 4: TorchServe's own OIP gRPC service sends no header at all
     responses = handler.handle([{"data": png(0)}, {"body": binary_body}, {"body": json_body},
                                 {"body": b'{"inputs": []}'}, {"body": {"id": "g", "inputs": []}}], context)
-    assert responses[0]["label"] in spec["class_names"]  # /predictions, as before
+    responses[0] = json.loads(responses[0])  # /predictions, as before: JSON text
+    assert responses[0]["label"] in spec["class_names"]
     result = triton.InferenceServerClient.parse_response_body(
         responses[1], header_length=int(context.response_headers[1]["Inference-Header-Content-Length"]))
     assert result.get_response()["id"] == "b" and result.get_response()["model_name"] == "test"
