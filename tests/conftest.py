@@ -36,7 +36,7 @@ def exported(tmp_path_factory):
     from training.run import train
 
     root = tmp_path_factory.mktemp("served")
-    config = tiny_config(root / "artifacts", name="fmnist", dataset="fashion-mnist", model="cnn",
+    config = tiny_config(root / "artifacts", name="fmnist", dataset="fashion-mnist", model="fast-cnn",
                          train_limit=2000, batch_size=64, epochs=1)
     train(config)
     export(ExportConfig("fmnist", root / "artifacts", root / "model_store"))

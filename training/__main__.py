@@ -39,7 +39,7 @@ def parser() -> argparse.ArgumentParser:
     what.add_argument("--model", default=None,
                       help=f"{', '.join(ARCHITECTURES)}, or your own: path/to/file.py:ClassName or "
                            "package.module:ClassName (a class or a function returning an nn.Module). Default: "
-                           "the --init-from checkpoint's model, else cnn")
+                           "the --init-from checkpoint's model, else fast-cnn")
     what.add_argument("--model-args", default="{}", metavar="JSON",
                       help="keyword arguments for the model, a JSON object; in_channels, num_classes, height "
                            "and width come from the data set where the model takes them")
@@ -68,10 +68,14 @@ def parser() -> argparse.ArgumentParser:
                      help="Nesterov momentum for SGD (on)")
     how.add_argument("--weight-decay", type=float, default=D.weight_decay,
                      help="on weights, not on biases or batch norm (%(default)s)")
-    how.add_argument("--schedule", default=D.schedule, choices=["onecycle", "cosine"],
-                     help="one-cycle, or linear warmup then cosine decay (%(default)s)")
-    how.add_argument("--warmup-epochs", type=float, default=D.warmup_epochs, help="cosine only (%(default)s)")
+    how.add_argument("--schedule", default=D.schedule, choices=["onecycle", "linear", "cosine"],
+                     help="one-cycle, or linear warmup then linear or cosine decay to zero (%(default)s)")
+    how.add_argument("--warmup-epochs", type=float, default=D.warmup_epochs,
+                     help="linear and cosine schedules (%(default)s)")
     how.add_argument("--label-smoothing", type=float, default=D.label_smoothing, help="(%(default)s)")
+    how.add_argument("--ema-decay", type=float, default=D.ema_decay,
+                     help="evaluate, keep and export a moving average of the weights, updated every step "
+                          "with this decay; 0 = off (%(default)s)")
     how.add_argument("--augment", default=D.augment, choices=AUGMENTATIONS,
                      help="random horizontal flip (only where the data allows it: not for digits) and/or "
                           "random crop with 2-pixel padding (%(default)s)")

@@ -6,6 +6,8 @@ scaled, normalized and augmented with tensor operations, never one PIL image at 
 
 from __future__ import annotations
 
+import copy
+import functools
 import math
 from collections.abc import Iterator
 
@@ -140,11 +142,47 @@ def make_scheduler(config, optimizer, steps_per_epoch: int):
             optimizer, max_lr=config.lr, total_steps=total, pct_start=0.25,
             cycle_momentum=config.optimizer == "sgd" and config.momentum > 0)
     warmup = min(total - 1, math.ceil(config.warmup_epochs * steps_per_epoch))
+    if config.schedule == "linear":  # a triangle: up to the peak, then straight down to zero
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(triangle, warmup, total))
     cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total - warmup))
     if warmup == 0:
         return cosine
     ramp = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01, total_iters=warmup)
     return torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, cosine], milestones=[warmup])
+
+
+def triangle(warmup: int, total: int, step: int) -> float:
+    """The learning rate's multiplier at `step`: linear from 1/warmup up to 1 over `warmup` steps,
+    then down by the same amount each step, to 0 after the last (`total`). --resume rebuilds it from
+    the options; the scheduler's saved state is its step count."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / (total - warmup + 1))
+
+
+def make_weight_average(model: nn.Module) -> nn.Module:
+    """A copy of `model` that follows an exponential moving average of its weights (see update_weight_average)."""
+    average = copy.deepcopy(model)
+    average.requires_grad_(False)
+    return average
+
+
+@torch.no_grad()
+def update_weight_average(average: nn.Module, model: nn.Module, decay: float, step: int) -> None:
+    """average <- decay * average + (1 - decay) * model, for parameters and batch-norm statistics.
+
+    Early on the decay is smaller ((1 + step) / (10 + step), as TensorFlow's ExponentialMovingAverage
+    does), so the average does not drag the random initialization along.
+    """
+    decay = min(decay, (1 + step) / (10 + step))
+    averaged, current = [], []
+    for mine, theirs in zip(average.state_dict().values(), model.state_dict().values()):
+        if mine.is_floating_point():
+            averaged.append(mine)
+            current.append(theirs)
+        else:  # counters such as num_batches_tracked
+            mine.copy_(theirs)
+    torch._foreach_lerp_(averaged, current, 1 - decay)
 
 
 @torch.no_grad()

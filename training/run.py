@@ -54,12 +54,14 @@ from training.loop import (
     evaluate,
     make_optimizer,
     make_scheduler,
+    make_weight_average,
     normalize,
     per_channel,
     pick_autocast_dtype,
     pick_device,
     random_crop,
     random_flip,
+    update_weight_average,
 )
 from training.metrics import confusion_matrix, per_class
 from training.model_origin import (
@@ -79,7 +81,7 @@ from training.report import report_training
 # Options that define what is trained: a resumed run must use the same ones as the saved state.
 RUN_DEFINING = ("dataset", "model", "model_args", "init_from", "freeze", "epochs", "batch_size", "optimizer", "lr",
                 "momentum", "nesterov", "weight_decay", "schedule", "warmup_epochs", "label_smoothing", "augment",
-                "val_fraction", "test_fraction", "image_size", "train_limit", "seed")
+                "ema_decay", "val_fraction", "test_fraction", "image_size", "train_limit", "seed")
 
 
 def prepare_data(config: TrainConfig, device: torch.device, quiet: bool = False) -> datasets.Data:
@@ -202,6 +204,8 @@ class Setting:
     std: torch.Tensor
     order: torch.Generator  # shuffling: the same sequence in every process
     augment: torch.Generator  # crops and flips: this process's own (the order generator in one process)
+    model: nn.Module  # the bare model (what trains may wrap it: DDP, torch.compile)
+    average: nn.Module | None  # the moving average of its weights (--ema-decay), else None
 
 
 def train_epoch(trainable, optimizer, scheduler, run: Setting, epoch: int) -> tuple[float, float, int, float]:
@@ -229,6 +233,8 @@ def train_epoch(trainable, optimizer, scheduler, run: Setting, epoch: int) -> tu
         loss.backward()
         optimizer.step()
         scheduler.step()
+        if run.average is not None:
+            update_weight_average(run.average, run.model, config.ema_decay, scheduler.last_epoch)
         loss_sum += loss.detach() * len(labels)
         correct += (logits.argmax(1) == labels).sum()
         seen += len(labels)
@@ -289,6 +295,8 @@ def apply_state(state: dict, model, optimizer, scheduler, run: Setting) -> dict:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if run.average is not None:
+            run.average.load_state_dict(state["average"])
     except (RuntimeError, ValueError, KeyError) as error:
         raise UserError(f"{run.config.resume} does not fit this model ({str(error).splitlines()[0]}): point --resume "
                         "at a last.pt of this run") from None
@@ -359,8 +367,11 @@ def train_in(config: TrainConfig, world: World, device: torch.device) -> dict:
     else:
         mean, std = datasets.channel_stats(
             batches(data.train, 1024, device, None, data.shape, config.workers), data.shape[0])
+    # the moving average, where it is on, is what is validated, kept and shipped
+    average = make_weight_average(model) if config.ema_decay else None
+    shipped = average if average is not None else model
     run = Setting(config, data, device, autocast_dtype, world, per_channel(mean, device), per_channel(std, device),
-                  order, augment)
+                  order, augment, model, average)
     loop = {"epoch": 0, "history": [], "best_state": None, "best_epoch": 0, "best_val_accuracy": -1.0,
             "images_seen": 0, "train_step_seconds": 0.0, "train_loop_seconds": 0.0}
     print(f"model {prepared.origin.reference}: {parameter_counts(model)}")
@@ -385,15 +396,16 @@ def train_in(config: TrainConfig, world: World, device: torch.device) -> dict:
     for epoch in range(loop["epoch"] + 1, config.epochs + 1):
         started = time.perf_counter()
         train_loss, train_accuracy, seen, seconds = train_epoch(trainable, optimizer, scheduler, run, epoch)
-        val_loss, val_accuracy, _ = evaluate(model, data.val, run.mean, run.std, device, data.shape, config.workers,
+        val_loss, val_accuracy, _ = evaluate(shipped, data.val, run.mean, run.std, device, data.shape, config.workers,
                                              world=world)
         loop["images_seen"] += seen
         loop["train_step_seconds"] += seconds
         loop["train_loop_seconds"] += time.perf_counter() - started
         loop["history"].append({"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_accuracy,
                                 "val_loss": val_loss, "val_accuracy": val_accuracy,
-                                "images_per_second": seen / seconds, "lr": optimizer.param_groups[0]["lr"]})
-        weights = bare_state_dict(model)
+                                "images_per_second": seen / seconds, "lr": optimizer.param_groups[0]["lr"],
+                                "seconds": round(loop["train_loop_seconds"], 2)})  # training time so far
+        weights = bare_state_dict(shipped)
         improved = val_accuracy > loop["best_val_accuracy"]
         if improved:
             loop.update(best_state=weights, best_epoch=epoch, best_val_accuracy=val_accuracy)
@@ -402,7 +414,8 @@ def train_in(config: TrainConfig, world: World, device: torch.device) -> dict:
         if world.main:
             write_bytes_atomic(out_dir / "last.pt", torch_bytes({  # shared tensors are stored once
                 "format": TRAINING_STATE_FORMAT, "config": config.to_json(), **loop, "mean": mean, "std": std,
-                "model": weights, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "model": bare_state_dict(model), "average": None if average is None else weights,
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "generator": order.get_state(), "random_states": states, "world_size": world.size,
                 "source_sha256": prepared.origin.source_sha256}))
         print(f"epoch {epoch:3d}/{config.epochs}  train loss {train_loss:.4f} acc {train_accuracy:.4f}  "

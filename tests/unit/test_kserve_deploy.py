@@ -5,10 +5,13 @@ KServe server takes; `make kserve-store` writes the layout KServe's TorchServe r
 
 from __future__ import annotations
 
+import argparse
 import copy
 import datetime
 import json
+import os
 import re
+import subprocess
 import sys
 import zipfile
 from pathlib import Path
@@ -68,6 +71,19 @@ def problems(data, type_name: str, path: str = "") -> list[str]:
     return found
 
 
+def problems_in_a_fresh_process(data) -> list[str]:
+    """What KServe's API models do not accept in an InferenceService, found in a fresh interpreter:
+    kserve and tritonclient both register protobuf's package `inference`, so whichever is imported
+    second fails in a process (the test suite's) that has the other."""
+    code = ("import json, sys; from test_kserve_deploy import problems; "
+            "print(json.dumps(problems(json.load(sys.stdin), 'V1beta1InferenceService')))")
+    result = subprocess.run([sys.executable, "-c", code], input=json.dumps(data), capture_output=True, text=True,
+                            cwd=Path(__file__).parent, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                [str(Path(__file__).parents[1]), str(ROOT)])})
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
 def manifest(name: str) -> dict:
     return yaml.safe_load((DEPLOY / name).read_text())
 
@@ -76,7 +92,7 @@ def manifest(name: str) -> dict:
 def test_manifests_are_inference_services_kserve_accepts(name):
     data = manifest(name)
     assert data["apiVersion"] == "serving.kserve.io/v1beta1" and data["kind"] == "InferenceService"
-    assert problems(data, "V1beta1InferenceService") == []
+    assert problems_in_a_fresh_process(data) == []
     predictor = data["spec"]["predictor"]
     assert 1 <= predictor["minReplicas"] < predictor["maxReplicas"]
 
@@ -87,7 +103,7 @@ def test_the_validation_finds_mistakes():
     data["spec"]["predictor"]["maxReplicas"] = "four"
     del data["spec"]["predictor"]["containers"][0]["name"]
     data["spec"]["predictor"]["containers"][0]["readinessProbe"]["httpGet"]["paht"] = "/"
-    found = problems(data, "V1beta1InferenceService")
+    found = problems_in_a_fresh_process(data)
     assert any(".spec.predictor.minReplica: unknown field" in p for p in found), found
     assert any(".spec.predictor.maxReplicas: int expected" in p for p in found), found
     assert any(p.startswith(".spec.predictor.containers[0]: V1Container") and "name" in p and "required" in p
@@ -104,18 +120,25 @@ def test_a_canary_rollout_is_a_valid_edit_of_either_manifest():
     runtime["spec"]["predictor"] |= {"canaryTrafficPercent": 10}
     runtime["spec"]["predictor"]["model"]["storageUri"] = "s3://BUCKET/image-classifier/kserve-store-v2"
     for data in (custom, runtime):
-        assert problems(data, "V1beta1InferenceService") == []
+        assert problems_in_a_fresh_process(data) == []
+
+
+def parsed_server_arguments(args: list[str]) -> argparse.Namespace:
+    """The kit's KServe server's options for `args`, parsed in a fresh interpreter (it imports kserve)."""
+    code = ("import json, sys; from handlers.kserve_model import parser; "
+            "print(json.dumps(vars(parser().parse_args(sys.argv[1:])), default=str))")
+    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    return argparse.Namespace(**json.loads(result.stdout))
 
 
 def test_the_custom_predictor_runs_the_kit_server_as_kserve_expects():
-    from handlers.kserve_model import parser
-
     predictor = manifest("kit-modelserver.yaml")["spec"]["predictor"]
     container = predictor["containers"][0]
     assert container["name"] == "kserve-container"  # the name KServe gives the model server
     env = {item["name"]: item["value"] for item in container["env"]}
     assert env["PROTOCOL"] == "v2" and "://" in env["STORAGE_URI"]
-    args = parser().parse_args(container["args"])
+    args = parsed_server_arguments(container["args"])
     assert str(args.model_store) == "/mnt/models" and args.host == "0.0.0.0"  # where storageUri lands
     cpus = predictor["containers"][0]["resources"]["limits"]["cpu"]
     assert args.threads * args.workers == int(cpus)  # not the node's cores: os.cpu_count() in a pod

@@ -15,7 +15,15 @@ from helpers import ROOT, assert_one_line_error, run_cli, tiny_config
 from training.checkpoint import CHECKPOINT_FORMAT, sha256_of
 from training.config import TrainConfig
 from training.errors import UserError
-from training.loop import normalize, random_crop, random_flip
+from training.loop import (
+    make_optimizer,
+    make_scheduler,
+    make_weight_average,
+    normalize,
+    random_crop,
+    random_flip,
+    update_weight_average,
+)
 from training.models import build
 from training.run import train
 
@@ -134,6 +142,45 @@ def test_augmentation_keeps_shape_and_only_shifts_or_flips():
                           torch.full((1, 1, 2, 2), 2.0))
 
 
+def test_weight_average_moves_a_decay_step_toward_the_model():
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
+    average = make_weight_average(model)
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+        model[1].running_mean.fill_(2.0)
+    model[1].num_batches_tracked.fill_(7)
+    before = average[0].weight.clone()
+    update_weight_average(average, model, decay=0.9, step=1000)
+    assert torch.allclose(average[0].weight, before + 0.1)  # 10 % of the way
+    assert torch.allclose(average[1].running_mean, torch.full((2,), 0.2))  # batch-norm statistics too
+    assert average[1].num_batches_tracked.item() == 7  # counters are copied
+    update_weight_average(average, model, decay=0.9, step=0)  # early steps: decay (1 + 0) / (10 + 0)
+    assert torch.allclose(average[0].weight, before + 0.1 + 0.9 * 0.9, atol=1e-6)
+    assert not any(p.requires_grad for p in average.parameters())
+
+
+def test_linear_schedule_rises_to_the_peak_then_falls_to_zero():
+    config = TrainConfig(schedule="linear", lr=0.2, epochs=2, warmup_epochs=0.5)
+    optimizer = make_optimizer(config, torch.nn.Linear(2, 2))
+    scheduler = make_scheduler(config, optimizer, steps_per_epoch=10)
+    rates = []
+    for _ in range(20):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[0] == pytest.approx(0.2 / 5) and rates[4] == pytest.approx(0.2) == max(rates)
+    assert all(a > b for a, b in zip(rates[4:], rates[5:]))
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0)
+
+
+def test_the_checkpoint_holds_the_weight_average_not_the_last_step(tmp_path):
+    train(tiny_config(tmp_path, ema_decay=0.9, train_limit=256))
+    shipped = torch.load(tmp_path / "tiny" / "checkpoint.pt", weights_only=True)["state_dict"]
+    state = torch.load(tmp_path / "tiny" / "last.pt", weights_only=True)
+    assert all(torch.equal(shipped[k], state["average"][k]) for k in shipped)
+    assert not all(torch.equal(shipped[k], state["model"][k]) for k in shipped)
+
+
 @pytest.mark.parametrize("options, message", [
     ({"model": "vgg99"}, "unknown model 'vgg99'"),
     ({"dataset": "imagenet"}, "unknown data set 'imagenet'"),
@@ -141,6 +188,8 @@ def test_augmentation_keeps_shape_and_only_shifts_or_flips():
     ({"epochs": "3"}, "should be int"),
     ({"name": "../escape"}, "--name"),
     ({"val_fraction": 0.7}, "--val-fraction"),
+    ({"ema_decay": 1.0}, "--ema-decay"),
+    ({"schedule": "step"}, "--schedule 'step'"),
     ({"no_such_option": 1}, "unknown training option"),
 ])
 def test_config_rejects_bad_options(options, message):
