@@ -57,7 +57,7 @@ from export.parity import onnxruntime_runner  # noqa: E402
 from export.run import load_run_data  # noqa: E402
 from training.checkpoint import CHECKPOINT_FORMAT, load_torch_file  # noqa: E402
 from training.loop import normalize, per_channel  # noqa: E402
-from training.models import architecture, conv_bn  # noqa: E402
+from training.models import architecture, conv_bn, conv_pool_bn  # noqa: E402
 
 CONCURRENCY = (1, 8, 32)
 TARGET_RATIO_AT_32 = 0.85  # kit / no-op requests/s at 32 clients
@@ -106,12 +106,13 @@ def baseline_archive(out_dir: Path, store: Path, name: str) -> None:
     spec = json.loads((out_dir / "spec.json").read_text())
     model_class = architecture(spec["arch"])
     if not inspect.isclass(model_class):
-        raise SystemExit(f"the baseline handler serves class-based models (mlp, simple-cnn, cnn), not {spec['arch']}")
+        raise SystemExit(f"the baseline handler serves the registry's class-based models, not {spec['arch']}")
     defaults = tuple(tuple(v) if isinstance(v, list) else v
                      for v in (spec["arch_args"][p] for p in inspect.signature(model_class).parameters))
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
-        source = "import torch\nfrom torch import nn\n\n\n" + inspect.getsource(conv_bn) + "\n\n"
+        source = "import torch\nfrom torch import nn\n\n\n" + "\n\n".join(  # the layer helpers the models use
+            inspect.getsource(helper) for helper in (conv_bn, conv_pool_bn)) + "\n\n"
         source += inspect.getsource(model_class) + "\n\n# BaseHandler builds the class without arguments.\n"
         source += f"{model_class.__name__}.__init__.__defaults__ = {defaults!r}\n"
         (scratch / "model.py").write_text(source)
