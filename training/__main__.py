@@ -6,7 +6,7 @@ Examples:
   python -m training --dataset folder:~/pictures/pets --model resnet18 --name pets --augment crop+flip
   python -m training --model examples/my_net.py:MyNet --model-args '{"base_width": 48}' --name mine
   python -m training --dataset mnist-5k --name digits --init-from artifacts/fashion-mnist/checkpoint.pt \
-      --freeze features.0,features.1                   # fine-tune: start from weights, train the rest
+      --freeze features.0,features.2                   # fine-tune: start from weights, train the rest
   python -m training --model examples/my_net.py:MyNet --summary   # layers, shapes, parameters; no training
   torchrun --standalone --nproc_per_node=2 -m training              # data-parallel (make train NPROC=2)
   python -m training --resume artifacts/fashion-mnist/last.pt   # continue an interrupted run

@@ -96,14 +96,20 @@ def listing(names: list[str]) -> str:
     return shown + (f" and {len(names) - SHOWN} more" if len(names) > SHOWN else "")
 
 
+def under(name: str, prefix: str) -> bool:
+    """Whether `name` starts with `prefix` at a dot: features.1 covers features.1.weight, not
+    features.10.weight (a prefix ending in a dot, or a whole name, is taken as it is)."""
+    return name == prefix or name.startswith(prefix if prefix.endswith(".") else prefix + ".")
+
+
 def freeze(model: nn.Module, prefixes: tuple[str, ...]) -> list[str]:
     """Turns off gradients for parameters whose names start with a prefix; returns their names."""
     names = [name for name, _ in model.named_parameters()]
     for prefix in prefixes:
-        if not any(name.startswith(prefix) for name in names):
+        if not any(under(name, prefix) for name in names):
             top = sorted({name.split(".")[0] for name in names})
             raise UserError(f"--freeze {prefix!r} matches no parameter (names start with {', '.join(top)})")
-    frozen = [name for name in names if name.startswith(tuple(prefixes))]
+    frozen = [name for name in names if any(under(name, prefix) for prefix in prefixes)]
     if prefixes and len(frozen) == len(names):
         raise UserError(f"--freeze {','.join(prefixes)} freezes every parameter: nothing is left to train")
     for name, parameter in model.named_parameters():
@@ -118,5 +124,6 @@ def hold_frozen_batch_norm(model: nn.Module, prefixes: tuple[str, ...]) -> None:
     if not prefixes:
         return
     for name, module in model.named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and f"{name}.running_mean".startswith(prefixes):
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and any(
+                under(f"{name}.running_mean", prefix) for prefix in prefixes):
             module.eval()

@@ -25,6 +25,7 @@ from handlers.pipeline import Settings, classify_batch, load_classifier
 from training import data as datasets
 from training.__main__ import main as training_main
 from training.errors import UserError
+from training.finetune import freeze
 from training.loop import normalize, per_channel
 from training.run import train
 
@@ -352,3 +353,13 @@ def test_init_from_a_user_models_checkpoint_rebuilds_it_from_the_source_the_chec
     assert child["arch_args"]["hidden"] == 20
     copies = [(artifacts / name / "model_source.py").read_text() for name in ("parent", "child")]
     assert copies[0] == copies[1]
+
+
+def test_a_freeze_prefix_ends_at_a_dot():
+    """features.1 is the second layer, not also the eleventh (features.10): prefixes match at dots."""
+    model = torch.nn.Sequential(*[torch.nn.Linear(2, 2) for _ in range(12)])
+    assert freeze(model, ("1",)) == ["1.weight", "1.bias"]
+    assert model[10].weight.requires_grad and model[11].bias.requires_grad
+    assert freeze(model, ("1.weight",)) == ["1.weight"]
+    with pytest.raises(UserError, match="matches no parameter"):
+        freeze(model, ("1.w",))
