@@ -191,3 +191,41 @@ def start_kserve(model_store: Path, workdir: Path, models: list[str], timeout: f
         server.stop()
         raise
     return server
+
+
+def descendants(root: int) -> set[int]:
+    """Every live process below `root` (children, grandchildren, ...), from /proc."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":  # zombies are gone, only not yet reaped
+            parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = set(), {root}
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pids: set[int]) -> set[int]:
+    return {pid for pid in pids if Path(f"/proc/{pid}").exists()
+            and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"}
+
+
+def stop_like_ctrl_c(process: subprocess.Popen, started: set[int], probe_url: str) -> None:
+    """SIGINT to the process group, as Ctrl-C in a terminal: asserts that every process in `started`
+    is gone within 30 s and that `probe_url` no longer answers."""
+    os.killpg(process.pid, signal.SIGINT)
+    process.wait(timeout=60)
+    deadline = time.monotonic() + 30
+    while alive(started) and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert alive(started) == set()
+    try:
+        http("GET", probe_url, timeout=2)
+    except OSError:
+        return
+    raise AssertionError(f"{probe_url} still answers after Ctrl-C")

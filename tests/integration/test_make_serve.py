@@ -6,35 +6,12 @@ import os
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import harness
 import pytest
 from helpers import ROOT
 
 pytestmark = pytest.mark.integration
-
-
-def descendants(root: int) -> set[int]:
-    """Every live process below `root` (children, grandchildren, ...), from /proc."""
-    parents = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z":  # zombies are gone, only not yet reaped
-            parents[int(stat.parent.name)] = int(fields[1])
-    found, frontier = set(), {root}
-    while frontier:
-        frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
-        found |= frontier
-    return found
-
-
-def alive(pids: set[int]) -> set[int]:
-    return {pid for pid in pids if Path(f"/proc/{pid}").exists()
-            and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"}
 
 
 def test_make_serve_answers_and_ctrl_c_stops_everything(exported, served_images, tmp_path):
@@ -59,18 +36,11 @@ def test_make_serve_answers_and_ctrl_c_stops_everything(exported, served_images,
             if status != 200:  # not up yet (refused), or workers still loading (503)
                 time.sleep(0.5)
         assert status == 200
-        server = descendants(process.pid)  # shell, launcher, frontend JVM, four workers
+        server = harness.descendants(process.pid)  # shell, launcher, frontend JVM, four workers
         assert len(server) >= 6
-        os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
-        process.wait(timeout=30)
-        deadline = time.monotonic() + 30
-        while alive(server) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert alive(server) == set()
-        with pytest.raises(OSError):
-            harness.http("GET", f"{url}/ping", timeout=2)
+        harness.stop_like_ctrl_c(process, server, f"{url}/ping")
     finally:
-        for pid in alive(descendants(process.pid) | server):
+        for pid in harness.alive(harness.descendants(process.pid) | server):
             os.kill(pid, signal.SIGKILL)
 
 

@@ -8,13 +8,11 @@ import os
 import signal
 import socket
 import subprocess
-import time
 
 import harness
 import pytest
 import tritonclient.grpc as triton_grpc
 from helpers import ROOT
-from test_make_serve import alive, descendants
 
 pytestmark = pytest.mark.integration
 
@@ -37,17 +35,10 @@ def test_make_serve_kserve_serves_every_archive_and_ctrl_c_stops_it(exported, se
         status, body, _ = harness.http("GET", f"{server.http}/v2/models")
         assert status == 200 and sorted(json.loads(body)["models"]) == sorted(p.stem for p in model_store.glob("*.mar"))
         assert triton_grpc.InferenceServerClient(server.grpc).is_server_ready()
-        started = descendants(process.pid)  # make and the server
-        os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
-        process.wait(timeout=60)
-        deadline = time.monotonic() + 30
-        while alive(started) and time.monotonic() < deadline:
-            time.sleep(0.3)
-        assert alive(started) == set()
-        with pytest.raises(OSError):
-            harness.http("GET", f"{server.http}/v2/health/live", timeout=2)
+        started = harness.descendants(process.pid)  # make and the server
+        harness.stop_like_ctrl_c(process, started, f"{server.http}/v2/health/live")
     finally:
-        for pid in alive(descendants(process.pid) | started):
+        for pid in harness.alive(harness.descendants(process.pid) | started):
             os.kill(pid, signal.SIGKILL)
 
 
