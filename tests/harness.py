@@ -12,6 +12,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +52,23 @@ def predict(inference_url: str, model: str, body: bytes, content_type: str = "ap
         return status, payload, headers
 
 
+def wait_until_ready(is_ready: Callable[[], bool], process: subprocess.Popen, name: str, log: Callable[[], str],
+                     timeout: float, interval: float) -> None:
+    """Polls `is_ready` (a refused connection counts as not yet); a server that exits first or is not
+    ready in time raises with its log."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited with {process.returncode}:\n{log()}")
+        try:
+            if is_ready():
+                return
+        except OSError:
+            pass
+        time.sleep(interval)
+    raise TimeoutError(f"{name} was not ready after {timeout}s:\n{log()}")
+
+
 @dataclass
 class TorchServe:
     process: subprocess.Popen
@@ -68,19 +86,8 @@ class TorchServe:
 
     def wait_ready(self, models: list[str], timeout: float = 120) -> None:
         """Until /ping is Healthy and every model has all its workers READY."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"TorchServe exited with {self.process.returncode}:\n{self.log()}")
-            try:
-                ready = http("GET", f"{self.inference}/ping", timeout=2)[0] == 200 and all(
-                    self._workers_ready(model) for model in models)
-            except OSError:
-                ready = False
-            if ready:
-                return
-            time.sleep(0.5)
-        raise TimeoutError(f"TorchServe not ready after {timeout}s:\n{self.log()}")
+        wait_until_ready(lambda: http("GET", f"{self.inference}/ping", timeout=2)[0] == 200 and all(
+            self._workers_ready(model) for model in models), self.process, "TorchServe", self.log, timeout, 0.5)
 
     def _workers_ready(self, model: str) -> bool:
         status, body, _ = http("GET", f"{self.management}/models/{model}", timeout=2)
@@ -149,17 +156,8 @@ class KServe:
 
     def wait_ready(self, models: list[str], timeout: float = 120) -> None:
         """Until every model answers GET /v2/models/<name>/ready with 200."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the KServe server exited with {self.process.returncode}:\n{self.log()}")
-            try:
-                if all(http("GET", f"{self.http}/v2/models/{model}/ready", timeout=2)[0] == 200 for model in models):
-                    return
-            except OSError:
-                pass
-            time.sleep(0.3)
-        raise TimeoutError(f"the KServe server was not ready after {timeout}s:\n{self.log()}")
+        wait_until_ready(lambda: all(http("GET", f"{self.http}/v2/models/{model}/ready", timeout=2)[0] == 200
+                                     for model in models), self.process, "the KServe server", self.log, timeout, 0.3)
 
     def stop(self) -> None:
         """SIGINT, as Ctrl-C: KServe stops its REST and gRPC servers and exits."""
