@@ -48,7 +48,7 @@ def conv_bn(in_channels: int, out_channels: int) -> list[nn.Module]:
 
 
 class SmallImageCNN(nn.Module):
-    """The default: a compact VGG-style CNN for small images (batch norm, dropout).
+    """The earlier default (`cnn`): a compact VGG-style CNN for small images (batch norm, dropout).
 
     Three stages of 3x3 conv + batch norm + ReLU, halving the resolution between stages, then
     dropout and a linear classifier over the flattened last feature map (small images keep
@@ -79,7 +79,7 @@ class FastCNN(nn.Module):
     Keller Jordan's airbench does, so batch norm and ReLU run on a quarter of the pixels. The
     last runs at 1/8 of the input size, where a wide layer is cheap. A linear classifier reads the
     flattened last feature map (small images keep useful position information). No dropout: on
-    Fashion-MNIST it cost accuracy in runs of 10 epochs (see the README's training section).
+    Fashion-MNIST it cost accuracy (92.30 % against 92.77 % in 8 epochs; README, "Time to accuracy").
     """
 
     def __init__(self, in_channels: int, height: int, width: int, num_classes: int,
