@@ -64,15 +64,21 @@ data:
 	  fi; \
 	fi
 
-# TorchServe's frontend needs Java 17.
-java:
-	@if ! java -version >/dev/null 2>&1; then \
+# TorchServe's frontend needs Java 17, and the kit patches it once (frontend-patch/: a form-typed body,
+# what curl --data-binary sends without -H, reaches the handler as raw bytes instead of a 500), which
+# needs Java's compiler too: a JDK 17.
+java: venv $(VENV)/.frontend-patched
+
+$(VENV)/.frontend-patched: $(VENV)/.installed frontend-patch/apply.py frontend-patch/InferenceRequestHandler.java
+	@if ! java -version >/dev/null 2>&1 || ! command -v javac >/dev/null; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    echo "installing openjdk-17-jre-headless"; \
-	    (apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless) >/dev/null \
-	      || { echo "error: apt-get install openjdk-17-jre-headless failed" >&2; exit 1; }; \
-	  else echo "error: TorchServe needs Java 17: install a JRE 17 (e.g. openjdk-17-jre-headless)" >&2; exit 1; fi; \
+	    echo "installing openjdk-17-jdk-headless"; \
+	    (apt-get update -qq && apt-get install -y -qq openjdk-17-jdk-headless) >/dev/null \
+	      || { echo "error: apt-get install openjdk-17-jdk-headless failed" >&2; exit 1; }; \
+	  else echo "error: TorchServe needs Java 17 and the kit's patch of it javac: install a JDK 17 (e.g. openjdk-17-jdk-headless)" >&2; exit 1; fi; \
 	fi
+	$(PY) frontend-patch/apply.py
+	@touch $@
 
 # Headless Chromium and its driver for the demo page's browser test; without them that test skips.
 browser:
@@ -144,7 +150,7 @@ test: venv java browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: venv
-	$(PY) -m ruff check training export handlers client demo tests bench docker
+	$(PY) -m ruff check training export handlers client demo tests bench docker frontend-patch
 
 docker-offline: venv
 	bash docker/prepare-offline.sh

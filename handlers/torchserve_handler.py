@@ -37,8 +37,8 @@ log = logging.getLogger(__name__)
 PHRASES = {400: "Bad Request", 413: "Payload Too Large", 415: "Unsupported Media Type"}
 CONTENT_TYPE_SPELLINGS = ("Content-Type", "content-type", "Content-type")  # header names arrive as sent
 FORM_BODY = BadImage(
-    "the body arrived as an HTML form (Content-Type: application/x-www-form-urlencoded, what curl --data-binary "
-    "sends without -H): send the image bytes with their own type, e.g. curl -T image.png URL, or curl -H "
+    "no image could be read from a body sent as an HTML form (Content-Type: application/x-www-form-urlencoded, "
+    "what curl --data-binary sends without -H): send the image bytes, e.g. curl -T image.png URL, or curl -H "
     "'Content-Type: image/png' --data-binary @image.png URL", status=415)
 
 
@@ -68,12 +68,16 @@ class ImageClassifierHandler:
         responses: list = [None] * len(data)
         predictions = [i for i in range(len(data)) if context.get_request_header(i, "url_path") is not None]
         forms = {i for i in predictions if sent_as_form(context, i)}
+        # The kit's patched frontend (frontend-patch/) passes a form-typed body on as raw bytes, which
+        # are answered like any other body. A stock TorchServe (KServe's runtime image) parses it as a
+        # form first: then what reaches us is the image mangled into form fields, never used.
+        mangled = {i for i in forms if not isinstance(data[i].get("body"), (bytes, bytearray))}
         # Answers as JSON text: TorchServe would otherwise encode each dict with json.dumps(indent=2),
         # in pure Python, which cost more than the model (same content, without the indentation).
-        results = classify_batch_json([{} if i in forms else data[i] for i in predictions], self.classifier)
+        results = classify_batch_json([{} if i in mangled else data[i] for i in predictions], self.classifier)
         for index, result in zip(predictions, results):
-            if index in forms:  # the frontend parsed the image as a form: what reaches us is mangled bytes
-                result = FORM_BODY
+            if index in forms and isinstance(result, BadImage) and result.status == 400:
+                result = FORM_BODY  # not an image: most likely curl --data-binary without -H; say what to send
             if isinstance(result, BadImage):
                 context.set_response_status(result.status, PHRASES.get(result.status, "Bad Request"), index)
                 context.set_response_content_type(index, "application/json")

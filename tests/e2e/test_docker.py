@@ -21,7 +21,7 @@ import harness
 import numpy as np
 import pytest
 from helpers import ROOT
-from served import BAD_INPUTS, assert_matches_eager
+from served import BAD_INPUTS, assert_matches_eager, holds_an_invalid_escape
 from tritonclient.utils import InferenceServerException
 
 pytestmark = pytest.mark.docker
@@ -146,6 +146,17 @@ def test_container_predictions_match_in_process_eager(stack, served_images, mode
         status, body, _ = harness.predict(stack["url"], model, image, "image/png")
         assert status == 200, body
         assert_matches_eager(body, expected, class_names)
+
+
+def test_container_answers_images_sent_as_forms_like_any_other(stack, served_images):
+    """What `curl --data-binary @img.png` without -H sends: the image's frontend is patched (frontend-patch/)."""
+    pngs, probabilities, class_names = served_images
+    with_invalid_escapes = [i for i, image in enumerate(pngs) if holds_an_invalid_escape(image)]
+    assert with_invalid_escapes  # what a stock TorchServe answers 500 (most of them)
+    for index in with_invalid_escapes[:6]:
+        status, body, _ = harness.predict(stack["url"], "fmnist", pngs[index], "application/x-www-form-urlencoded")
+        assert status == 200, body
+        assert_matches_eager(body, probabilities[index], class_names)
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))

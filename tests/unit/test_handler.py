@@ -130,6 +130,29 @@ def test_handler_with_a_fake_context(exported_tiny, tmp_path, backend, file_name
                                               "max_pixels": 24_000_000}]
 
 
+def test_a_form_typed_body_is_answered_when_it_is_an_image_and_refused_with_what_to_send_when_not(
+        exported_tiny, tmp_path):
+    """The kit's patched frontend passes a form-typed body on as raw bytes ("body"); a stock TorchServe
+    hands over the image parsed as form fields, which are never used."""
+    out_dir, _ = exported_tiny
+    shutil.copy(out_dir / "spec.json", tmp_path / "spec.json")
+    shutil.copy(out_dir / "model.onnx", tmp_path / "model.onnx")
+    context = FakeContext(tmp_path, {"handler": {"backend": "onnxruntime"}}, "model.onnx")
+    handler = ImageClassifierHandler()
+    handler.initialize(context)
+    form = {"url_path": "", "explain": "False", "Content-Type": "application/x-www-form-urlencoded"}
+    context.headers = {i: form for i in range(4)}
+    stock_parsed = {"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR": "mangled"}
+    rows = [{"body": bytearray(png(0))}, stock_parsed, {"body": bytearray(b"name=value")},
+            {"body": bytearray(png(0, (6000, 5000)))}]
+    responses = handler.handle(rows, context)
+    assert json.loads(responses[0])["label"] in json.loads((tmp_path / "spec.json").read_text())["class_names"]
+    assert context.statuses == {1: (415, "Unsupported Media Type"), 2: (415, "Unsupported Media Type"),
+                                3: (413, "Payload Too Large")}  # an image too large is still said so
+    for refused in (1, 2):
+        assert "curl -T image.png" in json.loads(responses[refused])["error"]
+
+
 @pytest.mark.parametrize("section, message", [
     ({}, "handler.backend must be one of"),
     ({"backend": "tensorrt"}, "handler.backend must be one of"),
