@@ -75,7 +75,7 @@ $(VENV)/.frontend-patched: $(VENV)/.installed frontend-patch/apply.py frontend-p
 	    echo "installing openjdk-17-jdk-headless"; \
 	    (apt-get update -qq && apt-get install -y -qq openjdk-17-jdk-headless) >/dev/null \
 	      || { echo "error: apt-get install openjdk-17-jdk-headless failed" >&2; exit 1; }; \
-	  else echo "error: TorchServe needs Java 17 and the kit's patch of it javac: install a JDK 17 (e.g. openjdk-17-jdk-headless)" >&2; exit 1; fi; \
+	  else echo "error: TorchServe needs Java 17, and the kit's patch of its frontend needs javac: install a JDK 17 (e.g. openjdk-17-jdk-headless)" >&2; exit 1; fi; \
 	fi
 	$(PY) frontend-patch/apply.py
 	@touch $@
