@@ -1,4 +1,4 @@
-"""The serving pipeline as plain functions: decode -> preprocess -> infer -> postprocess.
+"""The serving pipeline as plain functions: decode -> preprocess -> infer -> results.
 
 Nothing here knows TorchServe; `handlers/torchserve_handler.py` adapts it, and `handlers/kserve_model.py`
 (KServe's ModelServer) too. A `Classifier` is built once per worker from the model directory (spec.json +
@@ -166,11 +166,6 @@ def results(probabilities: np.ndarray, class_names: list[str]) -> list[dict]:
     for row, index in zip(probabilities.tolist(), probabilities.argmax(axis=1).tolist()):
         answers.append({"label": class_names[index], "index": index, "probabilities": dict(zip(class_names, row))})
     return answers
-
-
-def postprocess(logits: np.ndarray, class_names: list[str]) -> list[dict]:
-    """Logits (N, classes) -> one {"label", "index", "probabilities"} per image, classes in order."""
-    return results(softmax(logits), class_names)
 
 
 @functools.lru_cache(maxsize=8)

@@ -13,7 +13,7 @@ import yaml
 from PIL import Image
 
 from handlers.image import BadImage
-from handlers.pipeline import Classifier, Settings, classify_batch, decode_request, postprocess, threads_per_worker
+from handlers.pipeline import Classifier, Settings, classify_batch, decode_request, results, softmax, threads_per_worker
 from handlers.torchserve_handler import ImageClassifierHandler
 
 CLASSES = ["zero", "one", "two"]
@@ -59,10 +59,10 @@ def test_decode_request_rejects_malformed_requests(request_row, message):
         decode_request(request_row)
 
 
-def test_postprocess_gives_every_class_in_order_summing_to_one():
-    results = postprocess(np.array([[1.0, 3.0, -2.0], [100.0, -100.0, 0.0]], dtype=np.float32), CLASSES)
-    assert [r["label"] for r in results] == ["one", "zero"]
-    for result in results:
+def test_results_give_every_class_in_order_summing_to_one():
+    answers = results(softmax(np.array([[1.0, 3.0, -2.0], [100.0, -100.0, 0.0]], dtype=np.float32)), CLASSES)
+    assert [r["label"] for r in answers] == ["one", "zero"]
+    for result in answers:
         assert list(result["probabilities"]) == CLASSES
         assert abs(sum(result["probabilities"].values()) - 1) <= 1e-9
         assert json.loads(json.dumps(result)) == result  # plain JSON types
