@@ -8,11 +8,11 @@ never another exception. Used by the Hypothesis tests and by `make fuzz` (atheri
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from served import encode
 
 from handlers.image import BadImage
 from handlers.pipeline import Classifier, image_pixels, preprocess
@@ -43,12 +43,6 @@ def check(data: bytes) -> None:
         assert pixels.dtype == np.uint8 and pixels.shape == (channels, *SHAPE), (pixels.dtype, pixels.shape)
         tensor = preprocess(data, model)
         assert tensor.dtype == np.float32 and tensor.shape == (channels, *SHAPE) and np.isfinite(tensor).all()
-
-
-def encode(image: Image.Image, fmt: str, **options) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **options)
-    return buffer.getvalue()
 
 
 def seeds() -> dict[str, bytes]:

@@ -11,10 +11,15 @@ import numpy as np
 from PIL import Image
 
 
-def png(array: np.ndarray) -> bytes:
+def encode(image: Image.Image, fmt: str = "PNG", **options) -> bytes:
+    """An image as the bytes of a file of format `fmt` (Pillow's save options)."""
     buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, "PNG")
+    image.save(buffer, fmt, **options)
     return buffer.getvalue()
+
+
+def png(array: np.ndarray) -> bytes:
+    return encode(Image.fromarray(array))
 
 
 def png_chunk(kind: bytes, payload: bytes) -> bytes:

@@ -3,7 +3,6 @@ at the model's size and mode, batch normalization, and the JSON text of the answ
 
 from __future__ import annotations
 
-import io
 import json
 import struct
 import zlib
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 from helpers import FASHION_MNIST
 from PIL import Image, PngImagePlugin
+from served import encode
 
 from handlers.image import BadImage, normalize, open_image, png_pixels_at_size, to_pixels
 from handlers.pipeline import (
@@ -25,12 +25,6 @@ from handlers.pipeline import (
 )
 
 LIMIT = 10_000_000
-
-
-def encode(image: Image.Image, fmt: str = "PNG", **options) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **options)
-    return buffer.getvalue()
 
 
 def chunk(kind: bytes, payload: bytes) -> bytes:

@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pytest
 from helpers import FASHION_MNIST
 from PIL import Image
+from served import encode
 
 from handlers.image import BadImage, normalize, open_image, to_pixels
 
 LIMIT = 10_000_000
-
-
-def encode(image: Image.Image, fmt: str = "PNG", **options) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **options)
-    return buffer.getvalue()
 
 
 @pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="Debian package dataset-fashion-mnist not installed")

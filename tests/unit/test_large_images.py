@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from helpers import ROOT
 from PIL import Image
+from served import encode
 
 from handlers.image import KEEP_FACTOR, WEBP_SHARE, BadImage, open_image, reduce_early, to_pixels
 from handlers.pipeline import Classifier, image_pixels
@@ -30,12 +31,6 @@ def photo(width: int, height: int, mode: str = "RGB") -> Image.Image:
         image.putalpha(Image.fromarray((255 * x / width).astype(np.uint8), "L"))
         return image.convert(mode)
     return image.convert(mode, palette=Image.Palette.ADAPTIVE) if mode == "P" else image.convert(mode)
-
-
-def encode(image: Image.Image, fmt: str, **options) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **options)
-    return buffer.getvalue()
 
 
 def full_size_pixels(data: bytes, channels: int) -> np.ndarray:
