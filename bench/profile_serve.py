@@ -22,10 +22,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
 import harness  # noqa: E402
-from PIL import Image  # noqa: E402
 from serve_load import LUA, noop_archive  # noqa: E402
 
 from export.run import load_run_data  # noqa: E402
+from training.samples import save_png  # noqa: E402
 
 PY_SPY = Path(sys.executable).parent / "py-spy"
 
@@ -71,7 +71,7 @@ def main() -> int:
             raise SystemExit(f"error: no model_store/{archive}.mar")
         image = scratch / "test-image.png"
         test = load_run_data(ROOT / "artifacts" / args.name)[0].test
-        Image.fromarray(test.images[0].permute(1, 2, 0).squeeze(-1).numpy()).save(image)
+        save_png(test.images[0], image)
         (scratch / "post.lua").write_text(LUA)
         server = harness.start(store, scratch / "ts", [archive])
         try:

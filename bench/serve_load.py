@@ -44,7 +44,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
@@ -58,6 +57,7 @@ from export.run import load_run_data  # noqa: E402
 from training.checkpoint import CHECKPOINT_FORMAT, load_torch_file  # noqa: E402
 from training.loop import normalize, per_channel  # noqa: E402
 from training.models import architecture, conv_bn, conv_pool_bn  # noqa: E402
+from training.samples import save_png  # noqa: E402
 
 CONCURRENCY = (1, 8, 32)
 TARGET_RATIO_AT_32 = 0.85  # kit / no-op requests/s at 32 clients
@@ -222,7 +222,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         image_path = scratch / "test-image.png"
-        Image.fromarray(test.images[0].permute(1, 2, 0).squeeze(-1).numpy()).save(image_path)
+        save_png(test.images[0], image_path)
         store = scratch / "store"
         store.mkdir()
         names = {"noop": f"{args.name}-noop", "kit": args.name, "int8": f"{args.name}-int8",

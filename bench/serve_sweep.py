@@ -24,11 +24,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
 import harness  # noqa: E402
-from PIL import Image  # noqa: E402
 from serve_load import LUA, Target, noop_archive, wrk  # noqa: E402
 
 from export.archive import ServingConfig, build_archive  # noqa: E402
 from export.run import load_run_data  # noqa: E402
+from training.samples import save_png  # noqa: E402
 
 
 def measure(out_dir: Path, config: ServingConfig, image: Path, seconds: int, rounds: int) -> dict:
@@ -77,7 +77,7 @@ def main() -> int:
     test = load_run_data(out_dir)[0].test
     with tempfile.TemporaryDirectory() as scratch:
         image = Path(scratch) / "test-image.png"
-        Image.fromarray(test.images[0].permute(1, 2, 0).squeeze(-1).numpy()).save(image)
+        save_png(test.images[0], image)
         print(f"{'workers':>7}{'batch':>6}{'delay':>6} | {'kit c=32':>9}{'noop c=32':>10}{'ratio':>7}{'int8 c=32':>10}"
               f" | {'kit p50 c=1':>12}{'noop p50':>9}{'added':>7}{'int8 p50':>9} | errors", flush=True)
         combinations = itertools.product(*(map(int, value.split(",")) for value in

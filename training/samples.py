@@ -9,6 +9,7 @@ import re
 import sys
 from pathlib import Path
 
+import torch
 from PIL import Image
 
 from training.data import load
@@ -20,12 +21,16 @@ def write_samples(dataset: str, count: int, out_dir: Path, data_dir: Path) -> li
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for index in range(min(count, len(data.test))):
-        pixels = data.test.images[index].permute(1, 2, 0).numpy()
         label = data.class_names[int(data.test.labels[index])]
         path = out_dir / f"{index}-{re.sub(r'[^a-z0-9]+', '-', label.lower()).strip('-')}.png"
-        Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels).save(path)
-        paths.append(path)
+        paths.append(save_png(data.test.images[index], path))
     return paths
+
+
+def save_png(image: torch.Tensor, path: Path) -> Path:
+    """A data set's uint8 (C, H, W) image -> a grey or RGB PNG file at `path`."""
+    Image.fromarray(image.permute(1, 2, 0).squeeze(-1).numpy()).save(path)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
