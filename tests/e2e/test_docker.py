@@ -107,15 +107,20 @@ def wait_until_healthy(env: dict, service: str, timeout: float = 120) -> float:
     raise TimeoutError(compose(*PROFILE, "logs", "--tail", "80", service, env=env, check=False).stdout)
 
 
-@pytest.fixture(scope="module")
-def stack(engine, exported, served_images):
-    """The compose stack built and up, serving the session's archives on free host ports."""
-    _, model_store = exported
-    store = Path(tempfile.mkdtemp(prefix="kit-e2e-store-"))  # world-readable: the container user is not root
+def readable_store(model_store: Path) -> Path:
+    """A copy of the store's archives that the container's user (not root) can read."""
+    store = Path(tempfile.mkdtemp(prefix="kit-e2e-store-"))
     store.chmod(0o755)
     for archive in model_store.glob("*.mar"):
         shutil.copy(archive, store / archive.name)
         (store / archive.name).chmod(0o644)
+    return store
+
+
+@pytest.fixture(scope="module")
+def stack(engine, exported, served_images):
+    """The compose stack built and up, serving the session's archives on free host ports."""
+    store = readable_store(exported[1])
     inference_port, metrics_port, oip_http_port, oip_grpc_port = harness.free_ports(4)
     env = {**os.environ, "MODEL_STORE": str(store), "INFERENCE_PORT": str(inference_port),
            "METRICS_PORT": str(metrics_port), "OIP_HTTP_PORT": str(oip_http_port), "OIP_GRPC_PORT": str(oip_grpc_port)}

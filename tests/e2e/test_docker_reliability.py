@@ -8,26 +8,21 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import harness
 import pytest
-from test_docker import compose, container_health, engine, run  # noqa: F401  (engine is a fixture)
+from test_docker import compose, container_health, engine, readable_store, run  # noqa: F401  (engine: a fixture)
 
 pytestmark = pytest.mark.docker
 
 
 def store_of(model_store: Path, broken: bool) -> Path:
-    store = Path(tempfile.mkdtemp(prefix="kit-e2e-reliability-"))  # world-readable: the container user is not root
-    store.chmod(0o755)
-    for archive in model_store.glob("*.mar"):
-        shutil.copy(archive, store / archive.name)
+    store = readable_store(model_store)
     if broken:
         (store / "broken.mar").write_bytes(b"PK\x03\x04 cut off in the middle of a copy")
-    for archive in store.glob("*.mar"):
-        archive.chmod(0o644)
+        (store / "broken.mar").chmod(0o644)
     return store
 
 
