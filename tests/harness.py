@@ -191,15 +191,22 @@ def start_kserve(model_store: Path, workdir: Path, models: list[str], timeout: f
     return server
 
 
+def live_stat(stat: Path) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (state, parent pid, ...); None once the
+    process is gone, zombies included (they are gone, only not yet reaped)."""
+    try:
+        fields = stat.read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] == "Z" else fields
+
+
 def descendants(root: int) -> set[int]:
     """Every live process below `root` (children, grandchildren, ...), from /proc."""
     parents = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z":  # zombies are gone, only not yet reaped
+        fields = live_stat(stat)
+        if fields is not None:
             parents[int(stat.parent.name)] = int(fields[1])
     found, frontier = set(), {root}
     while frontier:
@@ -209,8 +216,7 @@ def descendants(root: int) -> set[int]:
 
 
 def alive(pids: set[int]) -> set[int]:
-    return {pid for pid in pids if Path(f"/proc/{pid}").exists()
-            and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"}
+    return {pid for pid in pids if live_stat(Path(f"/proc/{pid}/stat")) is not None}
 
 
 def stop_like_ctrl_c(process: subprocess.Popen, started: set[int], probe_url: str) -> None:
