@@ -7,7 +7,6 @@ the kit's machine are in the README (Reliability).
 from __future__ import annotations
 
 import http.client
-import io
 import json
 import os
 import shutil
@@ -25,8 +24,7 @@ import numpy as np
 import pytest
 from fuzzing import corpus
 from helpers import ROOT
-from PIL import Image
-from served import BAD_INPUTS, assert_matches_eager, holds_an_invalid_escape
+from served import BAD_INPUTS, assert_matches_eager, encode, holds_an_invalid_escape, photo
 
 pytestmark = pytest.mark.integration
 MODEL = "fmnist"
@@ -75,19 +73,10 @@ def rss_mb(pids: list[int]) -> float:
     return total / 1024
 
 
-def huge_photo_jpeg(width: int = 5600, height: int = 4200) -> bytes:
-    """23.5 megapixels of smooth colour, about 0.7 MB as JPEG: under every limit."""
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    rgb = np.dstack([128 + 100 * np.sin(x / 300) * np.cos(y / 200), 128 + 100 * np.sin(x / 170 + 1),
-                     128 + 100 * np.cos(y / 230)]).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(rgb, "RGB").save(buffer, "JPEG", quality=75)
-    return buffer.getvalue()
-
-
 @pytest.fixture(scope="module")
 def huge_jpeg():
-    return huge_photo_jpeg()
+    """23.5 megapixels of smooth colour, about 0.7 MB as JPEG: under every limit."""
+    return encode(photo(5600, 4200), "JPEG", quality=75)
 
 
 @pytest.fixture(scope="module")

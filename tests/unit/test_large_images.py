@@ -13,24 +13,12 @@ import numpy as np
 import pytest
 from helpers import ROOT
 from PIL import Image
-from served import encode
+from served import encode, photo
 
 from handlers.image import KEEP_FACTOR, WEBP_SHARE, BadImage, open_image, reduce_early, to_pixels
 from handlers.pipeline import Classifier, image_pixels
 
 LIMIT = 24_000_000
-
-
-def photo(width: int, height: int, mode: str = "RGB") -> Image.Image:
-    """Smooth colour gradients with some structure: compresses like a photo (a few hundred KB as JPEG)."""
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    bands = [128 + 100 * np.sin(x / (width / 18)) * np.cos(y / (height / 20)), 128 + 100 * np.sin(x / (width / 33) + 1),
-             128 + 100 * np.cos(y / (height / 18))]
-    image = Image.fromarray(np.dstack(bands).astype(np.uint8), "RGB")
-    if mode in ("RGBA", "LA"):
-        image.putalpha(Image.fromarray((255 * x / width).astype(np.uint8), "L"))
-        return image.convert(mode)
-    return image.convert(mode, palette=Image.Palette.ADAPTIVE) if mode == "P" else image.convert(mode)
 
 
 def full_size_pixels(data: bytes, channels: int) -> np.ndarray:
