@@ -47,10 +47,12 @@ RUN python_packages=$(python3 -c "import sys" 2>/dev/null || echo python3) \
  && rm -rf /var/lib/apt/lists/* /var/cache/apt/* /var/log/apt /var/log/dpkg.log \
  && useradd --system --uid 10001 --create-home --home-dir /home/serve --shell /usr/sbin/nologin serve
 COPY --from=venv /opt/venv /opt/venv
-COPY config.properties docker/log4j2.xml docker/healthcheck.py docker/memory_budget.py /home/serve/
-# serve-kserve runs python -m handlers.kserve_model from /opt/kit; TorchServe's workers use the
-# handlers inside each archive instead.
+COPY config.properties docker/log4j2.xml /home/serve/
+# serve-kserve runs python -m handlers.kserve_model from /opt/kit, and the memory and health checks
+# read the archives with its handlers/archive.py; TorchServe's workers use the handlers inside each
+# archive instead.
 COPY handlers/ /opt/kit/handlers/
+COPY docker/healthcheck.py docker/memory_budget.py /opt/kit/docker/
 COPY docker/serve-kserve /opt/venv/bin/serve-kserve
 # Inside its own network namespace the server listens on all interfaces; compose publishes
 # only 8080 and 8082 (TorchServe), 8085 and 8086 (serve-kserve). Logs go to stdout (log4j2.xml),
@@ -66,6 +68,6 @@ WORKDIR /home/serve
 EXPOSE 8080 8082 8085 8086
 # First the memory check (docker/memory_budget.py: the models must fit the container's limit, or it
 # stops with one line saying what to change), then TorchServe in place of it.
-CMD ["python3", "/home/serve/memory_budget.py", "--", \
+CMD ["python3", "/opt/kit/docker/memory_budget.py", "--", \
      "torchserve", "--start", "--foreground", "--ncs", "--ts-config", "/home/serve/config.properties", \
      "--model-store", "/home/serve/model_store", "--log-config", "/home/serve/log4j2.xml"]

@@ -10,7 +10,6 @@ Needs `make train export` first. Run: make bench-export   (about 1 minute)
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -25,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 from export import parity  # noqa: E402
 from export.checkpoint import load_trained  # noqa: E402
 from export.run import test_images  # noqa: E402
+from handlers.spec import Spec  # noqa: E402
 
 
 def runners(out_dir: Path) -> dict:
@@ -51,7 +51,7 @@ def main() -> int:
     out_dir = ROOT / "artifacts" / args.name
     if not (out_dir / "model.onnx").is_file():
         raise SystemExit(f"error: run `make train export NAME={args.name}` first")
-    spec = json.loads((out_dir / "spec.json").read_text())
+    spec = Spec.read(out_dir / "spec.json")
     images, _, _ = test_images(out_dir, spec)  # the run's own first 64 test images, normalized
     formats = runners(out_dir)
     for run in formats.values():  # warm-up: first calls allocate and optimize
@@ -65,8 +65,8 @@ def main() -> int:
             latency[name].append(time_calls(run, images[:1], 100))
             throughput[name].append(len(images) / time_calls(run, images, 10))
 
-    print(f"machine: {torch.get_num_threads()} threads, torch {torch.__version__}; model {spec['arch']} "
-          f"{spec['input']['channels']}x{spec['input']['height']}x{spec['input']['width']}; "
+    print(f"machine: {torch.get_num_threads()} threads, torch {torch.__version__}; model {spec.arch} "
+          f"{'x'.join(map(str, spec.input.size))}; "
           f"medians of {args.rounds} interleaved rounds")
     print(f"{'format':<13}{'batch-1 latency':>17}{'x eager':>9}{'batch-64 images/s':>19}{'x eager':>9}")
     eager_latency = statistics.median(latency["eager"])

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import re
 import shutil
 import statistics
@@ -37,7 +36,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,6 +52,8 @@ import oip_engines  # noqa: E402
 from export.archive import ARCHIVER  # noqa: E402
 from export.parity import onnxruntime_runner  # noqa: E402
 from export.run import load_run_data  # noqa: E402
+from handlers.archive import MODEL_CONFIG, read_archive  # noqa: E402
+from handlers.spec import Spec  # noqa: E402
 from training.checkpoint import CHECKPOINT_FORMAT, load_torch_file  # noqa: E402
 from training.loop import normalize, per_channel  # noqa: E402
 from training.models import architecture, conv_bn, conv_pool_bn  # noqa: E402
@@ -80,11 +80,6 @@ class Target:
     images: int = 1  # per request
 
 
-def model_config_of(archive: Path) -> dict:
-    with zipfile.ZipFile(archive) as mar:
-        return yaml.safe_load(mar.read("model-config.yaml"))
-
-
 def archive(name: str, handler: Path, config: Path, store: Path, scratch: Path, *extra: str) -> None:
     (scratch / "tmp").mkdir(exist_ok=True)
     subprocess.run([ARCHIVER, "--model-name", name, "--version", "1.0", "--handler", str(handler),
@@ -96,19 +91,18 @@ def noop_archive(kit_archive: Path, store: Path, name: str) -> None:
     """The no-op handler with the kit archive's model-config.yaml, byte for byte."""
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
-        with zipfile.ZipFile(kit_archive) as mar:
-            (scratch / "model-config.yaml").write_bytes(mar.read("model-config.yaml"))
-        archive(name, ROOT / "bench" / "baseline" / "noop_handler.py", scratch / "model-config.yaml", store, scratch)
+        (scratch / MODEL_CONFIG).write_bytes(read_archive(kit_archive).read(MODEL_CONFIG))
+        archive(name, ROOT / "bench" / "baseline" / "noop_handler.py", scratch / MODEL_CONFIG, store, scratch)
 
 
 def baseline_archive(out_dir: Path, store: Path, name: str) -> None:
     """Packs the trained model as TorchServe's MNIST example would: model file + state_dict."""
-    spec = json.loads((out_dir / "spec.json").read_text())
-    model_class = architecture(spec["arch"])
+    spec = Spec.read(out_dir / "spec.json")
+    model_class = architecture(spec.arch)
     if not inspect.isclass(model_class):
-        raise SystemExit(f"the baseline handler serves the registry's class-based models, not {spec['arch']}")
+        raise SystemExit(f"the baseline handler serves the registry's class-based models, not {spec.arch}")
     defaults = tuple(tuple(v) if isinstance(v, list) else v
-                     for v in (spec["arch_args"][p] for p in inspect.signature(model_class).parameters))
+                     for v in (spec.arch_args[p] for p in inspect.signature(model_class).parameters))
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         source = "import torch\nfrom torch import nn\n\n\n" + "\n\n".join(  # the layer helpers the models use
@@ -214,10 +208,10 @@ def main() -> int:
     kit_archive = store_dir / f"{args.name}.mar"
     if not kit_archive.is_file() or not (out_dir / "checkpoint.pt").is_file():
         raise SystemExit(f"error: run `make train export NAME={args.name}` first")
-    spec = json.loads((out_dir / "spec.json").read_text())
+    spec = Spec.read(out_dir / "spec.json")
     test = load_run_data(out_dir)[0].test  # the run's own test split
-    normalized = normalize(test.images[:1], per_channel(spec["mean"]), per_channel(spec["std"]))[0].numpy()
-    served_config = model_config_of(kit_archive)
+    normalized = normalize(test.images[:1], per_channel(spec.mean), per_channel(spec.std))[0].numpy()
+    served_config = read_archive(kit_archive).model_config
 
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
@@ -279,7 +273,8 @@ def main() -> int:
 def print_report(results, runs, targets, spec, served_config, args, ceiling) -> None:
     noop, kit = targets[0].label, targets[1].label
     baseline = next((t.label for t in targets if "example style" in t.label), None)
-    print(f"machine: {torch.get_num_threads()} cores, model {spec['arch']} {spec['input']}, served workers "
+    size = "x".join(map(str, spec.input.size))
+    print(f"machine: {torch.get_num_threads()} cores, model {spec.arch} {size}, served workers "
           f"{served_config['minWorkers']}, batchSize {served_config['batchSize']}, maxBatchDelay "
           f"{served_config['maxBatchDelay']} ms; wrk {args.seconds} s per run, median of {args.rounds} rounds")
     images = {target.label: target.images for target in targets}  # per request

@@ -16,7 +16,7 @@ With --oip URL it checks the kit's KServe ModelServer instead (serve-kserve): /v
 Run: python3 healthcheck.py [--inference URL] [--management URL] [--model-store DIR]
      python3 healthcheck.py --oip http://127.0.0.1:8085
      exit 0 healthy, 1 not (and why, one line)
-Standard library only: it runs in the serving image with nothing else installed.
+It runs in the serving image beside the kit's handlers/ (/opt/kit), whose archive reader it uses.
 """
 
 from __future__ import annotations
@@ -28,8 +28,10 @@ import sys
 import tempfile
 import urllib.parse
 import urllib.request
-import zipfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the kit's folder: its handlers/ package
+from handlers.archive import BrokenArchive, read_archive  # noqa: E402
 
 
 def get_json(url: str, timeout: float):
@@ -44,11 +46,9 @@ def default_status_dir() -> Path:  # as handlers/torchserve_handler.py:status_di
 def archive_problem(path: Path) -> tuple[str, str]:
     """(the model name an archive declares, or its file name; why TorchServe may have refused it)."""
     try:
-        with zipfile.ZipFile(path) as archive:
-            manifest = json.loads(archive.read("MAR-INF/MANIFEST.json"))
-        return manifest["model"]["modelName"], "TorchServe did not register it (its log says why)"
-    except (zipfile.BadZipFile, KeyError, ValueError, TypeError, OSError) as error:
-        return path.stem, f"not a readable model archive ({type(error).__name__}: {error})"
+        return read_archive(path).name, "TorchServe did not register it (its log says why)"
+    except BrokenArchive as error:
+        return path.stem, f"not a readable model archive ({error.reason})"
 
 
 def load_error(status_dir: Path, name: str) -> str:

@@ -17,20 +17,19 @@ about 4 bytes per allowed pixel); the last term: the request bodies of one batch
 
 Run: python3 memory_budget.py [--model-store DIR] [--config config.properties] [-- command ...]
      exit 0 and then exec `command` when the models fit, 3 and one line on stderr when not.
-Needs PyYAML (TorchServe itself needs it, so the serving image has it).
+It runs in the serving image beside the kit's handlers/ (/opt/kit), whose archive reader it uses.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the kit's folder: its handlers/ package
+from handlers.archive import BrokenArchive, read_archive  # noqa: E402
 
 MB = 2**20
 FRONTEND_MB = 700
@@ -38,7 +37,6 @@ SHARED_MB = 300
 WORKER_MB = 320
 DECODE_BYTES_PER_PIXEL = 4.2
 DECODE_OVERHEAD_MB = 12
-DEFAULT_MAX_PIXELS = 24_000_000  # handlers/pipeline.py's default
 DEFAULT_MAX_REQUEST_SIZE = 6_553_500  # TorchServe's default, when config.properties does not set one
 CGROUP_FILES = (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"))
 
@@ -62,18 +60,12 @@ def served_models(model_store: Path) -> tuple[list[ServedModel], list[str]]:
     models, unreadable = [], []
     for path in sorted(model_store.glob("*.mar")):
         try:
-            with zipfile.ZipFile(path) as archive:
-                config = yaml.safe_load(archive.read("model-config.yaml")) or {}
-                manifest = json.loads(archive.read("MAR-INF/MANIFEST.json"))
-                model_file = manifest["model"].get("serializedFile")
-                model_bytes = archive.getinfo(model_file).file_size if model_file else 0
-        except (zipfile.BadZipFile, KeyError, ValueError, yaml.YAMLError, OSError, AttributeError, TypeError):
+            archive = read_archive(path)
+        except BrokenArchive:
             unreadable.append(path.name)
             continue
-        workers = int(config.get("minWorkers", config.get("maxWorkers", 1)))
-        models.append(ServedModel(path.name, workers, int(config.get("batchSize", 1)),
-                                  int((config.get("handler") or {}).get("max_pixels", DEFAULT_MAX_PIXELS)),
-                                  model_bytes))
+        models.append(ServedModel(path.name, archive.workers, int(archive.model_config.get("batchSize", 1)),
+                                  archive.settings.max_pixels, archive.model_bytes))
     return models, unreadable
 
 

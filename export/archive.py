@@ -3,6 +3,7 @@ model_store/ and renamed into place, so a failed build never replaces a good arc
 
 from __future__ import annotations
 
+import ast
 import os
 import shutil
 import subprocess
@@ -13,11 +14,10 @@ from pathlib import Path
 
 import yaml
 
-from handlers.pipeline import DEFAULT_MAX_PIXELS
+from handlers.archive import DEFAULT_MAX_PIXELS, MODEL_CONFIG
 from training.errors import UserError
 
 HANDLERS_DIR = Path(__file__).resolve().parents[1] / "handlers"
-HANDLER_MODULES = ("__init__.py", "image.py", "oip.py", "pipeline.py", "torchserve_handler.py")
 ARCHIVER = str(Path(sys.executable).parent / "torch-model-archiver")
 
 
@@ -35,6 +35,23 @@ class ServingConfig:
         return {"minWorkers": self.workers, "maxWorkers": self.workers, "batchSize": self.batch_size,
                 "maxBatchDelay": self.max_batch_delay_ms, "responseTimeout": self.response_timeout_s,
                 "handler": {"backend": backend, "max_pixels": self.max_pixels}}
+
+
+def handler_modules(entry: str = "torchserve_handler.py") -> list[str]:
+    """The files of handlers/ that TorchServe's workers import, starting from `entry`: the package's
+    own imports (`from handlers.x import ...`, `from handlers import x`), followed to the end."""
+    found, pending = {"__init__.py"}, [entry]
+    while pending:
+        module = pending.pop()
+        if module in found:
+            continue
+        found.add(module)
+        for node in ast.walk(ast.parse((HANDLERS_DIR / module).read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "handlers":
+                pending += [f"{alias.name}.py" for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("handlers."):
+                pending.append(node.module.split(".")[1] + ".py")
+    return sorted(found)
 
 
 def ensure_writable(model_store: Path) -> None:
@@ -55,9 +72,9 @@ def build_archive(model_name: str, model_file: Path, spec_file: Path, backend: s
     try:
         package = scratch / "extra" / "handlers"  # the archiver copies a folder's contents: nest it once
         package.mkdir(parents=True)
-        for module in HANDLER_MODULES:
+        for module in handler_modules():
             shutil.copy2(HANDLERS_DIR / module, package / module)
-        config_file = scratch / "model-config.yaml"
+        config_file = scratch / MODEL_CONFIG
         config_file.write_text(yaml.safe_dump(serving.model_config(backend), sort_keys=False))
         (scratch / "tmp").mkdir()
         command = [ARCHIVER, "--model-name", model_name, "--version", "1.0", "--serialized-file", str(model_file),

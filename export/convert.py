@@ -25,6 +25,7 @@ from pathlib import Path
 import onnx
 import torch
 
+from handlers.spec import Spec
 from training.checkpoint import write_bytes_atomic
 from training.errors import UserError
 from training.model_origin import one_line
@@ -34,9 +35,9 @@ INPUT_NAME, OUTPUT_NAME = "input", "logits"
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
-def to_torchscript(model: torch.nn.Module, spec: dict, path: Path, examples: list[torch.Tensor]) -> None:
+def to_torchscript(model: torch.nn.Module, spec: Spec, path: Path, examples: list[torch.Tensor]) -> None:
     """Traced on the first of `examples` (real images), checked on the others, and frozen."""
-    name = spec["arch"]
+    name = spec.arch
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -60,11 +61,11 @@ def to_torchscript(model: torch.nn.Module, spec: dict, path: Path, examples: lis
         warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated upstream, still supported
         frozen = torch.jit.freeze(traced)
         buffer = io.BytesIO()
-        torch.jit.save(frozen, buffer, _extra_files={"spec.json": json.dumps(spec)})
+        torch.jit.save(frozen, buffer, _extra_files={"spec.json": spec.to_json()})
     write_bytes_atomic(path, buffer.getvalue())
 
 
-def to_onnx(model: torch.nn.Module, spec: dict, path: Path, example: torch.Tensor) -> None:
+def to_onnx(model: torch.nn.Module, spec: Spec, path: Path, example: torch.Tensor) -> None:
     """One self-contained file: dynamic batch, input `input`, output `logits`, the spec in metadata."""
     batch = torch.export.Dim("batch", min=1, max=65536)
     try:
@@ -74,14 +75,14 @@ def to_onnx(model: torch.nn.Module, spec: dict, path: Path, example: torch.Tenso
                                         output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},),
                                         opset_version=ONNX_OPSET, external_data=False, verbose=False)
     except Exception as error:  # the exporter's own error types change between torch releases
-        raise UserError(f"{spec['arch']} cannot be exported to ONNX: {onnx_failure(error)}") from None
+        raise UserError(f"{spec.arch} cannot be exported to ONNX: {onnx_failure(error)}") from None
     proto = program.model_proto
     metadata = {
-        "spec": json.dumps(spec),
-        "class_names": json.dumps(spec["class_names"]),
-        "mean": json.dumps(spec["mean"]),
-        "std": json.dumps(spec["std"]),
-        "input_size": json.dumps([spec["input"]["channels"], spec["input"]["height"], spec["input"]["width"]]),
+        "spec": spec.to_json(),
+        "class_names": json.dumps(list(spec.class_names)),
+        "mean": json.dumps(list(spec.mean)),
+        "std": json.dumps(list(spec.std)),
+        "input_size": json.dumps(list(spec.input.size)),
     }
     del proto.metadata_props[:]
     for key, value in metadata.items():

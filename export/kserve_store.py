@@ -21,11 +21,9 @@ import os
 import shutil
 import sys
 import tempfile
-import zipfile
 from pathlib import Path
 
-import yaml
-
+from handlers.archive import read_archive
 from training.errors import UserError
 
 BACKENDS = ("onnxruntime", "torchscript")
@@ -61,24 +59,13 @@ model_snapshot={snapshot}
 """
 
 
-def archive_settings(path: Path) -> tuple[str, str, dict]:
-    """(model name, version, model-config.yaml) of one of the kit's archives."""
-    try:
-        with zipfile.ZipFile(path) as mar:
-            manifest = json.loads(mar.read("MAR-INF/MANIFEST.json"))["model"]
-            config = yaml.safe_load(mar.read(manifest.get("configFile", "model-config.yaml"))) or {}
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile, yaml.YAMLError) as error:
-        raise UserError(f"{path}: not an archive of the kit ({type(error).__name__}: {error}): "
-                        "make export writes them") from None
-    return manifest["modelName"], str(manifest.get("modelVersion", "1.0")), config
-
-
 def config_properties(archives: list[Path], model_store: str = f"{MOUNT}/model-store") -> str:
     """TorchServe's config for the runtime: the archives' own worker and batching settings in the
     model_snapshot, which both TorchServe (what to load) and KServe's wrapper (what to serve) read."""
     models = {}
     for path in archives:
-        name, version, config = archive_settings(path)
+        archive = read_archive(path)
+        name, version, config = archive.name, archive.version, archive.model_config
         defaults = {"minWorkers": 1, "maxWorkers": 1, "batchSize": 1, "maxBatchDelay": 100, "responseTimeout": 120}
         models[name] = {version: {"defaultVersion": True, "marName": path.name,
                                   **{key: config.get(key, value) for key, value in defaults.items()}}}
@@ -88,7 +75,7 @@ def config_properties(archives: list[Path], model_store: str = f"{MOUNT}/model-s
 
 def select(model_store: Path, backends: tuple[str, ...]) -> list[Path]:
     chosen = [path for path in sorted(model_store.glob("*.mar"))
-              if archive_settings(path)[2].get("handler", {}).get("backend") in backends]
+              if read_archive(path).settings.backend in backends]
     if not chosen:
         raise UserError(f"no archive in {model_store}/ uses {' or '.join(backends)}: run make train export first")
     return chosen

@@ -25,6 +25,7 @@ import torch
 
 from export.archive import ServingConfig, build_archive
 from handlers.pipeline import onnxruntime_backend, threads_per_worker
+from handlers.spec import Spec
 from training.checkpoint import write_json_atomic
 from training.loop import batches, normalize, per_channel
 
@@ -41,13 +42,13 @@ class Int8Gate:
     round_seconds: float = 0.3
 
 
-def calibration_batches(out_dir: Path, spec: dict, count: int, seed: int = 0) -> list[np.ndarray]:
+def calibration_batches(out_dir: Path, spec: Spec, count: int, seed: int = 0) -> list[np.ndarray]:
     """Normalized float32 batches of `count` training images (a seeded sample), as served models see them."""
     from export.run import load_run_data  # export.run calls this module: import at call time
 
     data, run = load_run_data(out_dir)
     order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed))[:count]
-    mean, std = per_channel(spec["mean"]), per_channel(spec["std"])
+    mean, std = per_channel(spec.mean), per_channel(spec.std)
     return [normalize(images.cpu(), mean, std).numpy()
             for images, _ in batches(data.train.subset(order), 64, torch.device("cpu"), None, data.shape,
                                      run["workers"])]
@@ -135,7 +136,7 @@ def format_table(result: dict) -> str:
         f"{result['batch_size']} on {result['threads']} thread(s)): {'passed' if result['passed'] else 'FAILED'}"])
 
 
-def export_int8(name: str, out_dir: Path, spec: dict, test_batches: Callable[[], Iterable], report: dict,
+def export_int8(name: str, out_dir: Path, spec: Spec, test_batches: Callable[[], Iterable], report: dict,
                 model_store: Path, serving: ServingConfig, gate: Int8Gate = Int8Gate()) -> Path | None:
     """Quantizes, gates, records the result in report["int8"] (and parity.json), archives on a pass.
 

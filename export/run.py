@@ -20,6 +20,7 @@ from export import convert, parity, quantize
 from export.archive import ServingConfig, build_archive, ensure_writable
 from export.checkpoint import load_trained
 from export.report import update_report
+from handlers.spec import Spec
 from training import data as datasets
 from training.checkpoint import write_json_atomic
 from training.config import check_name
@@ -61,11 +62,11 @@ def load_run_data(out_dir: Path) -> tuple[datasets.Data, dict]:
     return data, run
 
 
-def test_images(out_dir: Path, spec: dict, sample_size: int = max(parity.BATCH_SIZES)):
+def test_images(out_dir: Path, spec: Spec, sample_size: int = max(parity.BATCH_SIZES)):
     """(the first `sample_size` normalized test images, edge images, a function yielding the whole
     test split in batches)."""
     data, run = load_run_data(out_dir)
-    mean, std = per_channel(spec["mean"]), per_channel(spec["std"])
+    mean, std = per_channel(spec.mean), per_channel(spec.std)
     shape = tuple(data.shape)
 
     def test_batches():
@@ -100,7 +101,7 @@ def export(config: ExportConfig) -> dict:
         runners = {"eager": parity.eager_runner(model)}
         runners.update({name: runner(pending[name]) for name, (_, runner, *_) in FORMATS.items()})
         report = parity.run_gate(runners, sample, edge, test_batches, batch_sizes)
-        report["checkpoint_sha256"] = spec["checkpoint_sha256"]
+        report["checkpoint_sha256"] = spec.checkpoint_sha256
         write_json_atomic(out_dir / "parity.json", report)
         print(parity.format_table(report))
         if not report["passed"]:

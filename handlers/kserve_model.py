@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import json
 import logging
 import socket
 import sys
@@ -29,16 +28,16 @@ import zipfile
 from concurrent import futures
 from pathlib import Path
 
-import yaml
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from grpc import aio
 
 from handlers import oip
+from handlers.archive import read_archive
+from handlers.errors import UserError
 from handlers.image import BadImage
 from handlers.pipeline import (
     Classifier,
-    Settings,
     load_classifier,
     probabilities_of_images,
     probabilities_of_inputs,
@@ -64,10 +63,6 @@ finally:
     sys.argv = _argv
 
 
-class UserError(Exception):
-    """A mistake the user can fix (no archives, a broken one): one line, exit 1."""
-
-
 class ArchivedClassifier(kserve.Model):
     """One archive's classifier behind the Open Inference Protocol."""
 
@@ -80,8 +75,8 @@ class ArchivedClassifier(kserve.Model):
 
     def load(self) -> bool:
         if self.classifier is None:
-            _, settings, self.classifier = read_archive(self.archive, self.workers, self.threads)
-            self.backend = settings.backend
+            loaded = load_archive(self.archive, self.workers, self.threads)
+            self.backend, self.classifier = loaded.backend, loaded.classifier
         self.ready = True
         return self.ready
 
@@ -108,7 +103,7 @@ class ArchivedClassifier(kserve.Model):
             probabilities = (probabilities_of_images(inputs, self.classifier) if isinstance(inputs, list)
                              else probabilities_of_inputs(inputs, self.classifier))
             requested = [output.name for output in request.request_outputs] if request.request_outputs else None
-            outputs = oip.model_outputs(probabilities, self.classifier.spec["class_names"], requested)
+            outputs = oip.model_outputs(probabilities, self.classifier.spec.class_names, requested)
         except (BadImage, oip.BadRequest) as error:  # KServe answers 400 / INVALID_ARGUMENT with the message
             raise InvalidInput(str(error)) from None
         return InferResponse(
@@ -258,32 +253,20 @@ class KitModelServer(model_server.ModelServer):
 
 # ---------------------------------------------------------------------------- archives
 
-def read_archive(path: Path, workers: int, threads: int = 0) -> tuple[dict, Settings, Classifier]:
-    """A .mar -> (its manifest, its handler settings, its classifier), read as TorchServe reads it
-    (MAR-INF/MANIFEST.json, model-config.yaml, spec.json); `workers` processes share the CPU cores,
+def load_archive(path: Path, workers: int = 1, threads: int = 0) -> ArchivedClassifier:
+    """A .mar -> its classifier, read as TorchServe reads it; `workers` processes share the CPU cores,
     unless `threads` (> 0) overrides the archive's threads per process."""
+    archive = read_archive(path)
+    settings = dataclasses.replace(archive.settings, threads=threads) if threads > 0 else archive.settings
     try:
-        with zipfile.ZipFile(path) as mar:
-            manifest = json.loads(mar.read("MAR-INF/MANIFEST.json"))["model"]
-            config = yaml.safe_load(mar.read(manifest.get("configFile", "model-config.yaml"))) or {}
-            settings = Settings.from_yaml(config.get("handler", {}), manifest["serializedFile"])
-            if threads > 0:
-                settings = dataclasses.replace(settings, threads=threads)
-            with tempfile.TemporaryDirectory(prefix="kit-kserve-") as scratch:  # the model is in memory after
-                mar.extract("spec.json", scratch)
-                mar.extract(settings.model_file, scratch)
-                classifier = load_classifier(Path(scratch), settings, workers=workers, gpu_id=0)
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile, yaml.YAMLError) as error:
+        with tempfile.TemporaryDirectory(prefix="kit-kserve-") as scratch:  # the model is in memory after
+            classifier = load_classifier(archive.unpack(Path(scratch)), settings, workers=workers, gpu_id=0)
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as error:
         raise UserError(f"{path}: not an archive of the kit ({type(error).__name__}: {error}): "
                         "make export writes them") from None
-    log.info("loaded %s (%s, %s) from %s", manifest["modelName"], settings.backend, classifier.device, path)
-    return manifest, settings, classifier
-
-
-def load_archive(path: Path, workers: int = 1, threads: int = 0) -> ArchivedClassifier:
-    manifest, settings, classifier = read_archive(path, workers, threads)
-    return ArchivedClassifier(manifest["modelName"], str(manifest.get("modelVersion", "1")), path.resolve(),
-                              workers, threads, settings.backend, classifier)
+    log.info("loaded %s (%s, %s) from %s", archive.name, settings.backend, classifier.device, path)
+    return ArchivedClassifier(archive.name, archive.version, path.resolve(), workers, threads, settings.backend,
+                              classifier)
 
 
 def load_store(model_store: Path, workers: int = 1, threads: int = 0) -> list[ArchivedClassifier]:

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from handlers.spec import Spec
+
 IMAGE, INPUT, PROBABILITIES, LABEL = "image", "input", "probabilities", "label"
 OUTPUTS = (PROBABILITIES, LABEL)
 PLATFORMS = {"onnxruntime": "onnx_onnxv1", "torchscript": "pytorch_torchscript"}  # the protocol's names
@@ -69,24 +71,23 @@ class Request:
 
 # ---------------------------------------------------------------------------- the model's contract
 
-def inputs_metadata(spec: dict) -> list[dict]:
-    shape = spec["input"]
+def inputs_metadata(spec: Spec) -> list[dict]:
     return [{"name": IMAGE, "datatype": "BYTES", "shape": [-1]},
-            {"name": INPUT, "datatype": "FP32", "shape": [-1, shape["channels"], shape["height"], shape["width"]]}]
+            {"name": INPUT, "datatype": "FP32", "shape": [-1, *spec.input.size]}]
 
 
-def outputs_metadata(spec: dict) -> list[dict]:
-    return [{"name": PROBABILITIES, "datatype": "FP32", "shape": [-1, len(spec["class_names"])]},
+def outputs_metadata(spec: Spec) -> list[dict]:
+    return [{"name": PROBABILITIES, "datatype": "FP32", "shape": [-1, spec.num_classes]},
             {"name": LABEL, "datatype": "BYTES", "shape": [-1]}]
 
 
-def model_metadata(name: str, version: str, spec: dict, backend: str) -> dict:
+def model_metadata(name: str, version: str, spec: Spec, backend: str) -> dict:
     """The protocol's model metadata (its metadata has no field for class names: see `model_outputs`)."""
     return {"name": name, "versions": [version], "platform": PLATFORMS[backend],
             "inputs": inputs_metadata(spec), "outputs": outputs_metadata(spec)}
 
 
-def model_input(inputs: list[Tensor], spec: dict) -> list[bytes] | np.ndarray:
+def model_input(inputs: list[Tensor], spec: Spec) -> list[bytes] | np.ndarray:
     """The request's one input -> encoded images (list of bytes) or a normalized float32 (N, C, H, W) batch."""
     expected = "`image` (BYTES [N]: encoded images) or `input` (FP32 [N, C, H, W]: normalized tensors)"
     if len(inputs) != 1:
@@ -129,9 +130,8 @@ def images_of(tensor: Tensor) -> list[bytes]:
     return images
 
 
-def batch_of(tensor: Tensor, spec: dict) -> np.ndarray:
-    shape = spec["input"]
-    expected = (shape["channels"], shape["height"], shape["width"])
+def batch_of(tensor: Tensor, spec: Spec) -> np.ndarray:
+    expected = spec.input.size
     check_batch(tensor, "FP32", "[N, C, H, W]")
     if tensor.data.shape[1:] != expected:
         raise BadRequest(f"input {tensor.name!r} must have shape [N, {', '.join(map(str, expected))}], "

@@ -19,38 +19,16 @@ from typing import Any
 
 import numpy as np
 
+from handlers.archive import HandlerSettings
 from handlers.image import BadImage, normalize, open_image, png_pixels_at_size, to_pixels
+from handlers.spec import Spec
 
-BACKENDS = ("onnxruntime", "torchscript")
-DEFAULT_MAX_PIXELS = 24_000_000  # a 24-megapixel photo decodes to 72 MB of RGB: refuse beyond that
 IMAGE_FIELDS = ("data", "body", "file", "image")  # request fields that may carry the image
 
 
 @dataclass(frozen=True)
-class Settings:
-    """The archive's `handler:` section of model-config.yaml, validated."""
-
-    backend: str
-    model_file: str
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    threads: int = 0  # intra-op threads per worker; 0 = CPU count / workers
-
-    @classmethod
-    def from_yaml(cls, handler_section: dict, model_file: str) -> Settings:
-        known = {"backend", "max_pixels", "threads"}
-        unknown = set(handler_section) - known
-        if unknown:
-            raise ValueError(f"unknown handler setting(s) in model-config.yaml: {sorted(unknown)}")
-        backend = handler_section.get("backend")
-        if backend not in BACKENDS:
-            raise ValueError(f"model-config.yaml handler.backend must be one of {BACKENDS}, not {backend!r}")
-        return cls(backend, model_file, int(handler_section.get("max_pixels", DEFAULT_MAX_PIXELS)),
-                   int(handler_section.get("threads", 0)))
-
-
-@dataclass(frozen=True)
 class Classifier:
-    spec: dict
+    spec: Spec
     mean: np.ndarray  # float32 (C,)
     std: np.ndarray
     max_pixels: int
@@ -99,12 +77,12 @@ def torchscript_backend(path: Path, threads: int, gpu_id: int | None) -> tuple[C
     return infer, str(device)
 
 
-def load_classifier(model_dir: Path, settings: Settings, workers: int, gpu_id: int | None) -> Classifier:
-    spec = json.loads((model_dir / "spec.json").read_text())
+def load_classifier(model_dir: Path, settings: HandlerSettings, workers: int, gpu_id: int | None) -> Classifier:
+    spec = Spec.read(model_dir / "spec.json")
     threads = threads_per_worker(workers, settings.threads)
     make_backend = onnxruntime_backend if settings.backend == "onnxruntime" else torchscript_backend
     infer, device = make_backend(model_dir / settings.model_file, threads, gpu_id)
-    return Classifier(spec, np.asarray(spec["mean"], dtype=np.float32), np.asarray(spec["std"], dtype=np.float32),
+    return Classifier(spec, np.asarray(spec.mean, dtype=np.float32), np.asarray(spec.std, dtype=np.float32),
                       settings.max_pixels, infer, device)
 
 
@@ -134,15 +112,15 @@ def decode_request(request: dict) -> bytes:
 
 def image_pixels(image_bytes: bytes, classifier: Classifier) -> np.ndarray:
     """Image bytes -> uint8 (C, H, W) at the model's size: the PNG fast path, else the general one."""
-    shape = classifier.spec["input"]
-    channels, height, width = shape["channels"], shape["height"], shape["width"]
+    shape = classifier.spec.input
+    channels, height, width = shape.size
     if height * width <= classifier.max_pixels:
         pixels = png_pixels_at_size(image_bytes, channels, height, width)
         if pixels is not None:
             return pixels
     image = open_image(image_bytes, classifier.max_pixels, (width, height))
     try:
-        return to_pixels(image, channels, height, width, tuple(shape["background"]))
+        return to_pixels(image, channels, height, width, shape.background)
     except (BadImage, MemoryError):
         raise
     except Exception as error:  # e.g. malformed EXIF that Pillow parses only now
@@ -209,7 +187,7 @@ def probabilities_of_batch(requests: list[dict], classifier: Classifier) -> tupl
         except BadImage as error:
             outcome.append(error)
     if not pixels:
-        return outcome, np.empty((0, len(classifier.spec["class_names"])))
+        return outcome, np.empty((0, classifier.spec.num_classes))
     return outcome, probabilities_of_pixels(pixels, classifier)
 
 
@@ -242,12 +220,12 @@ def probabilities_of_images(images: list[bytes], classifier: Classifier) -> np.n
 def classify_batch(requests: list[dict], classifier: Classifier) -> list[dict | BadImage]:
     """One forward pass for the good images of a batch; a bad image fails only its own entry."""
     outcome, probabilities = probabilities_of_batch(requests, classifier)
-    answers = results(probabilities, classifier.spec["class_names"])
+    answers = results(probabilities, classifier.spec.class_names)
     return [entry if isinstance(entry, BadImage) else answers[entry] for entry in outcome]
 
 
 def classify_batch_json(requests: list[dict], classifier: Classifier) -> list[str | BadImage]:
     """`classify_batch` with each answer already JSON text (what the TorchServe handler returns)."""
     outcome, probabilities = probabilities_of_batch(requests, classifier)
-    answers = results_json(probabilities, classifier.spec["class_names"])
+    answers = results_json(probabilities, classifier.spec.class_names)
     return [entry if isinstance(entry, BadImage) else answers[entry] for entry in outcome]

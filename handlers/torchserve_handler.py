@@ -23,10 +23,10 @@ import time
 from pathlib import Path
 
 from handlers import oip
+from handlers.archive import HandlerSettings
 from handlers.image import BadImage
 from handlers.pipeline import (
     Classifier,
-    Settings,
     classify_batch_json,
     load_classifier,
     probabilities_of_images,
@@ -52,7 +52,7 @@ class ImageClassifierHandler:
         try:
             properties = context.system_properties
             yaml_config = context.model_yaml_config or {}
-            settings = Settings.from_yaml(yaml_config.get("handler", {}), context.manifest["model"]["serializedFile"])
+            settings = HandlerSettings.from_model_config(yaml_config, context.manifest["model"]["serializedFile"])
             workers = int(yaml_config.get("minWorkers", 1))
             self.classifier = load_classifier(Path(properties["model_dir"]), settings, workers,
                                               properties.get("gpu_id"))
@@ -103,7 +103,7 @@ class ImageClassifierHandler:
             inputs = oip.model_input(request.inputs, self.classifier.spec)
             probabilities = (probabilities_of_images(inputs, self.classifier) if isinstance(inputs, list)
                              else probabilities_of_inputs(inputs, self.classifier))
-            outputs = oip.model_outputs(probabilities, self.classifier.spec["class_names"],
+            outputs = oip.model_outputs(probabilities, self.classifier.spec.class_names,
                                         None if request.outputs is None else [name for name, _ in request.outputs])
             answer, json_length = oip.encode_response(context.model_name, version, request, outputs)
         except (BadImage, oip.BadRequest) as error:
@@ -157,4 +157,5 @@ def sent_as_form(context, index: int) -> bool:
 
 def describe(classifier: Classifier) -> dict:
     """The model's metadata for clients: class names, input shape and normalization (the spec)."""
-    return {"format": "image-classifier-metadata/1", "spec": classifier.spec, "max_pixels": classifier.max_pixels}
+    return {"format": "image-classifier-metadata/1", "spec": classifier.spec.to_dict(),
+            "max_pixels": classifier.max_pixels}

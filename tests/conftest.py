@@ -57,10 +57,10 @@ def served_images(exported):
     model, spec = load_trained(out_dir)
     test = load_run_data(out_dir)[0].test  # the run's own test split
     images = test.images[:24]
-    inputs = normalize(images, per_channel(spec["mean"]), per_channel(spec["std"]))
+    inputs = normalize(images, per_channel(spec.mean), per_channel(spec.std))
     with torch.no_grad():
         probabilities = torch.softmax(model(inputs).double(), dim=1).numpy()
-    return [png(image[0].numpy()) for image in images], probabilities, spec["class_names"]
+    return [png(image[0].numpy()) for image in images], probabilities, list(spec.class_names)
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from helpers import spec_for_tests
 from PIL import Image
 from served import encode
 
@@ -22,8 +23,7 @@ SHAPE = (28, 28)
 
 
 def classifier(channels: int) -> Classifier:
-    spec = {"class_names": ["a", "b"],
-            "input": {"channels": channels, "height": SHAPE[0], "width": SHAPE[1], "background": [0, 0, 0]}}
+    spec = spec_for_tests(("a", "b"), channels, SHAPE, 0.3, 0.35)
     return Classifier(spec, np.float32([0.3] * channels), np.float32([0.35] * channels), 4_000_000,
                       lambda batch: np.zeros((len(batch), 2), np.float32), "cpu")
 
@@ -34,7 +34,7 @@ CLASSIFIERS = (classifier(1), classifier(3))
 def check(data: bytes) -> None:
     """The property; raises AssertionError (or the unexpected exception) when it does not hold."""
     for model in CLASSIFIERS:
-        channels = model.spec["input"]["channels"]
+        channels = model.spec.input.channels
         try:
             pixels = image_pixels(data, model)
         except BadImage as error:

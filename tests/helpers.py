@@ -21,6 +21,15 @@ def tiny_config(artifacts_dir: Path, **overrides):
     return TrainConfig(**options)
 
 
+def spec_for_tests(class_names, channels: int = 1, size: tuple[int, int] = (28, 28), mean: float = 0.5,
+                   std: float = 0.25):
+    """A Spec for pipeline tests that need no trained model: only classes, input and normalization matter."""
+    from handlers.spec import InputShape, Spec
+
+    return Spec("test", "none", {}, {}, tuple(class_names), InputShape(channels, *size, "bilinear", (0,) * 3),
+                (mean,) * channels, (std,) * channels, "none")
+
+
 def run_cli(module: str, *args: str, cwd: Path = ROOT, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True,

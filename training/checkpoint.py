@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from handlers.spec import Spec
 from training.errors import UserError
 
 CHECKPOINT_FORMAT = "image-classifier-checkpoint/1"
@@ -59,15 +60,15 @@ def bare_state_dict(model: torch.nn.Module) -> dict:
     return {key: value.detach().cpu().clone() for key, value in model.state_dict().items()}
 
 
-def save_checkpoint(out_dir: Path, state_dict: dict, spec: dict, model_source: str | None = None) -> dict:
+def save_checkpoint(out_dir: Path, state_dict: dict, spec: Spec, model_source: str | None = None) -> Spec:
     """Writes checkpoint.pt then spec.json (with the checkpoint's sha256); returns that spec.
 
     A user model's source text travels inside the checkpoint, so the file alone rebuilds the network."""
     path = out_dir / "checkpoint.pt"
     write_bytes_atomic(path, torch_bytes({"format": CHECKPOINT_FORMAT, "state_dict": state_dict,
-                                          "spec": spec, "model_source": model_source}))
-    full_spec = {**spec, "checkpoint_sha256": sha256_of(path)}
-    write_json_atomic(out_dir / "spec.json", full_spec)
+                                          "spec": spec.to_dict(), "model_source": model_source}))
+    full_spec = spec.with_checkpoint(sha256_of(path))
+    write_json_atomic(out_dir / "spec.json", full_spec.to_dict())
     return full_spec
 
 

@@ -1,5 +1,6 @@
-"""The one error type for mistakes a user can make and fix (bad option, missing data, ...)."""
+"""The one error type for mistakes a user can make and fix (bad option, missing data, ...): it lives in
+handlers/errors.py, the lowest room every stage imports."""
 
+from handlers.errors import UserError
 
-class UserError(Exception):
-    """Printed as one line ("error: ...") and a non-zero exit, never as a traceback."""
+__all__ = ["UserError"]

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from handlers.spec import Spec
 from training.checkpoint import CHECKPOINT_FORMAT, read_torch_file, sha256_of
 from training.errors import UserError
 
@@ -27,7 +28,7 @@ class Parent:
     sha256: str
     kind: str  # "kit checkpoint" or "state_dict"
     state_dict: dict[str, torch.Tensor]
-    spec: dict | None = None  # kit checkpoints only
+    spec: Spec | None = None  # kit checkpoints only
     model_source: str | None = None  # kit checkpoints of a user model
 
     def record(self) -> dict:
@@ -39,7 +40,8 @@ def read_parent(path: Path) -> Parent:
     record = read_torch_file(path, what_to_do)
     sha256 = sha256_of(path)
     if isinstance(record, dict) and record.get("format") == CHECKPOINT_FORMAT:
-        return Parent(path, sha256, "kit checkpoint", record["state_dict"], record["spec"], record.get("model_source"))
+        return Parent(path, sha256, "kit checkpoint", record["state_dict"],
+                      Spec.from_dict(record["spec"], str(path)), record.get("model_source"))
     if isinstance(record, dict):
         nested = next((record[k] for k in NESTED_KEYS if isinstance(record.get(k), dict)), record)
         tensors = {k: v for k, v in nested.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}

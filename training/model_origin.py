@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from handlers.spec import Spec
 from training.errors import UserError
 from training.models import ARCHITECTURES, architecture, check_input_size
 
@@ -168,10 +169,10 @@ def is_model_class(value) -> bool:
 
 # ---------------------------------------------------------------------------- rebuilding from a spec
 
-def rebuild(spec: dict, source: str | None) -> Origin:
+def rebuild(spec: Spec, source: str | None) -> Origin:
     """The Origin a spec names (`arch`, and the `model` record of user models), checked against
     the source text the checkpoint carries. Specs from before user models have no record."""
-    record, reference = spec.get("model") or {"origin": "registry"}, spec["arch"]
+    record, reference = spec.model or {"origin": "registry"}, spec.arch
     if record["origin"] == "registry":
         return resolve(reference)
     name = record["name"]

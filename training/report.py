@@ -21,6 +21,7 @@ from pathlib import Path
 
 import jinja2
 
+from handlers.spec import Spec
 from training.checkpoint import write_bytes_atomic
 from training.errors import UserError
 
@@ -54,7 +55,7 @@ def context(out_dir: Path) -> dict:
     if spec is None or metrics is None:
         raise UserError(f"no finished training run in {out_dir} (spec.json and metrics.json): run `make train` "
                         "first")
-    sha256 = spec["checkpoint_sha256"]
+    sha256 = Spec.from_dict(spec, str(out_dir / "spec.json")).checkpoint_sha256
     return {
         "spec": spec,
         "metrics": metrics,
@@ -97,8 +98,8 @@ def report_training(out_dir: Path, model, data, predictions, mean, std, device, 
     model's size (analysis.json, misclassified.png), the TensorBoard log's last entries, the report."""
     from training.analysis import write_analysis
 
-    spec = read_json(out_dir / "spec.json")
-    write_analysis(out_dir, model, data, predictions, mean, std, device, workers, spec["checkpoint_sha256"])
+    spec = Spec.read(out_dir / "spec.json")
+    write_analysis(out_dir, model, data, predictions, mean, std, device, workers, spec.checkpoint_sha256)
     board.finish(out_dir)
     path = write_report(out_dir)
     print(f"report: {path}")

@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from handlers.spec import InputShape, Spec
 from training import data as datasets
 from training.board import TensorBoard
 from training.checkpoint import (
@@ -118,7 +119,7 @@ def choose_origin(config: TrainConfig, parent: Parent | None) -> tuple[Origin, d
     if parent.spec is None:
         raise UserError(f"{parent.path} is a plain state_dict: it does not say which model it fits; give --model")
     origin = rebuild(parent.spec, parent.model_source)
-    inherited = {k: v for k, v in parent.spec["arch_args"].items() if k not in DATA_ARGUMENTS}
+    inherited = {k: v for k, v in parent.spec.arch_args.items() if k not in DATA_ARGUMENTS}
     return origin, {**inherited, **config.model_args}
 
 
@@ -167,28 +168,25 @@ def summarize(config: TrainConfig) -> str:
     return text
 
 
-def make_spec(config: TrainConfig, data: datasets.Data, prepared: PreparedModel, mean, std) -> dict:
+def make_spec(config: TrainConfig, data: datasets.Data, prepared: PreparedModel, mean, std) -> Spec:
     channels, height, width = data.shape
-    return {
-        "format": "image-classifier-spec/1",
-        "name": config.name,
-        "arch": prepared.origin.reference,
-        "arch_args": prepared.arch_args,
-        "model": prepared.origin.record(),
-        "num_classes": len(data.class_names),
-        "class_names": data.class_names,
-        "input": {"channels": channels, "height": height, "width": width, "resize": "bilinear",
-                  "background": list(datasets.BACKGROUND)},
-        "mean": mean,
-        "std": std,
-        "dataset": config.dataset,
-        "init_from": prepared.parent.record() if prepared.parent else None,
-        "frozen": list(config.freeze),
-        "torch_version": str(torch.__version__),
-        "torchvision_version": importlib.metadata.version("torchvision"),
-        "python_version": platform.python_version(),
-        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-    }
+    return Spec(
+        name=config.name,
+        arch=prepared.origin.reference,
+        arch_args=prepared.arch_args,
+        model=prepared.origin.record(),
+        class_names=tuple(data.class_names),
+        input=InputShape(channels, height, width, "bilinear", tuple(datasets.BACKGROUND)),
+        mean=tuple(mean),
+        std=tuple(std),
+        dataset=config.dataset,
+        init_from=prepared.parent.record() if prepared.parent else None,
+        frozen=tuple(config.freeze),
+        torch_version=str(torch.__version__),
+        torchvision_version=importlib.metadata.version("torchvision"),
+        python_version=platform.python_version(),
+        created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    )
 
 
 @dataclass(frozen=True)
@@ -467,7 +465,7 @@ def write_outputs(run: Setting, prepared: PreparedModel, model: nn.Module, metri
         write_bytes_atomic(out_dir / SOURCE_FILE, prepared.origin.source.encode())
     else:
         (out_dir / SOURCE_FILE).unlink(missing_ok=True)  # from an earlier run of a user model
-    metrics["checkpoint_sha256"] = spec["checkpoint_sha256"]
+    metrics["checkpoint_sha256"] = spec.checkpoint_sha256
     write_json_atomic(out_dir / "metrics.json", metrics)
     write_json_atomic(out_dir / "train_config.json", config.to_json())
     plot_curves(loop["history"], out_dir / "curves.png")

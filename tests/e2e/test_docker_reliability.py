@@ -68,7 +68,7 @@ def test_the_health_check_names_a_broken_archive_beside_good_ones(engine, export
                 pass
             time.sleep(1)
         assert harness.predict(url, "fmnist", served_images[0][0], "image/png")[0] == 200  # the good one serves
-        check = compose("exec", "-T", "torchserve", "python3", "/home/serve/healthcheck.py", env=env, check=False)
+        check = compose("exec", "-T", "torchserve", "python3", "/opt/kit/docker/healthcheck.py", env=env, check=False)
         assert check.returncode == 1
         assert "broken.mar: not loaded: not a readable model archive" in check.stdout, check.stdout
         time.sleep(15)  # a few health-check intervals

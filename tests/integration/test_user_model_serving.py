@@ -31,7 +31,7 @@ def test_a_user_model_is_served_by_torchserve_without_its_source(tmp_path):
     model, spec = load_trained(artifacts / "mine")
     images = load_run_data(artifacts / "mine")[0].test.images[:8]
     with torch.no_grad():
-        logits = model(normalize(images, per_channel(spec["mean"]), per_channel(spec["std"])))
+        logits = model(normalize(images, per_channel(spec.mean), per_channel(spec.std)))
     expected = torch.softmax(logits.double(), 1).numpy()
     server = harness.start(store, tmp_path / "torchserve", ["mine", "mine-torchscript"])
     try:
@@ -39,6 +39,6 @@ def test_a_user_model_is_served_by_torchserve_without_its_source(tmp_path):
             for image, probabilities in zip(images, expected):
                 status, body, _ = server.predict(name, png(image[0].numpy()), "image/png")
                 assert status == 200, body
-                assert_matches_eager(body, probabilities, spec["class_names"])
+                assert_matches_eager(body, probabilities, list(spec.class_names))
     finally:
         server.stop()

@@ -79,7 +79,7 @@ def test_a_broken_export_fails_the_gate_and_leaves_the_old_archive(copied, monke
     original = convert.to_torchscript
 
     def perturbed(model, spec, path, examples):  # a TorchScript file that differs from eager
-        broken = type(model)(**spec["arch_args"])
+        broken = type(model)(**spec.arch_args)
         broken.load_state_dict({k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v
                                 for k, v in model.state_dict().items()})
         original(broken.eval(), spec, path, examples)

@@ -9,7 +9,7 @@ import zlib
 
 import numpy as np
 import pytest
-from helpers import FASHION_MNIST
+from helpers import FASHION_MNIST, spec_for_tests
 from PIL import Image, PngImagePlugin
 from served import encode
 
@@ -48,9 +48,8 @@ def general(data: bytes, channels: int, size=(28, 28)) -> np.ndarray:
     return to_pixels(open_image(data, LIMIT), channels, size[1], size[0], (0, 0, 0))
 
 
-def spec_of(channels: int, class_names=("a", "b", "c")) -> dict:
-    return {"class_names": list(class_names),
-            "input": {"channels": channels, "height": 28, "width": 28, "background": [0, 0, 0]}}
+def spec_of(channels: int, class_names=("a", "b", "c")):
+    return spec_for_tests(class_names, channels, mean=0.3, std=0.35)
 
 
 def classifier(channels: int = 1, infer=None) -> Classifier:

@@ -10,10 +10,12 @@ import shutil
 import numpy as np
 import pytest
 import yaml
+from helpers import spec_for_tests
 from PIL import Image
 
+from handlers.archive import HandlerSettings
 from handlers.image import BadImage
-from handlers.pipeline import Classifier, Settings, classify_batch, decode_request, results, softmax, threads_per_worker
+from handlers.pipeline import Classifier, classify_batch, decode_request, results, softmax, threads_per_worker
 from handlers.torchserve_handler import ImageClassifierHandler
 
 CLASSES = ["zero", "one", "two"]
@@ -27,7 +29,7 @@ def png(value: int, size=(28, 28)) -> bytes:
 
 def mean_pixel_classifier() -> Classifier:
     """A real Classifier whose "model" maps the mean input to logits: enough to test batching."""
-    spec = {"class_names": CLASSES, "input": {"channels": 1, "height": 28, "width": 28, "background": [0, 0, 0]}}
+    spec = spec_for_tests(CLASSES)
 
     def infer(batch: np.ndarray) -> np.ndarray:
         mean = batch.reshape(len(batch), -1).mean(axis=1)
@@ -160,7 +162,7 @@ def test_a_form_typed_body_is_answered_when_it_is_an_image_and_refused_with_what
 ])
 def test_settings_name_the_backend_explicitly(section, message):
     with pytest.raises(ValueError, match=message):
-        Settings.from_yaml(section, "model.onnx")
+        HandlerSettings.from_model_config({"handler": section}, "model.onnx")
 
 
 def test_threads_are_split_between_workers(monkeypatch):
@@ -174,6 +176,6 @@ def test_archive_model_config_is_what_the_handler_reads():
     from export.archive import ServingConfig
 
     config = yaml.safe_load(yaml.safe_dump(ServingConfig().model_config("onnxruntime")))
-    settings = Settings.from_yaml(config["handler"], "model.onnx")
+    settings = HandlerSettings.from_model_config(config, "model.onnx")
     assert settings.backend == "onnxruntime" and settings.max_pixels == ServingConfig().max_pixels
     assert config["batchSize"] >= 1 and config["maxBatchDelay"] >= 0

@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import ROOT
+from helpers import ROOT, spec_for_tests
 from PIL import Image
 from served import encode, photo
 
@@ -33,7 +33,7 @@ def full_size_pixels(data: bytes, channels: int) -> np.ndarray:
 
 
 def classifier(channels: int) -> Classifier:
-    spec = {"class_names": ["a"], "input": {"channels": channels, "height": 28, "width": 28, "background": [0, 0, 0]}}
+    spec = spec_for_tests(["a"], channels)
     return Classifier(spec, np.float32([0.5] * channels), np.float32([0.25] * channels), LIMIT, None, "cpu")
 
 
@@ -93,8 +93,9 @@ sys.path.insert(0, sys.argv[1])
 import numpy as np
 from handlers.image import BadImage
 from handlers.pipeline import Classifier, image_pixels
+from handlers.spec import InputShape, Spec
 data = sys.stdin.buffer.read()
-spec = {"class_names": ["a"], "input": {"channels": 1, "height": 28, "width": 28, "background": [0, 0, 0]}}
+spec = Spec("test", "none", {}, {}, ("a",), InputShape(1, 28, 28, "bilinear", (0, 0, 0)), (0.5,), (0.25,), "none")
 classifier = Classifier(spec, np.float32([0.5]), np.float32([0.25]), 24_000_000, None, "cpu")
 def peak_kb():
     return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0])

@@ -11,6 +11,7 @@ import shutil
 import numpy as np
 import pytest
 import tritonclient.http as triton
+from helpers import spec_for_tests
 from test_handler import CLASSES, FakeContext, mean_pixel_classifier, png
 
 from handlers import oip
@@ -18,7 +19,7 @@ from handlers.image import BadImage
 from handlers.pipeline import classify_batch, probabilities_of_images, probabilities_of_inputs
 from handlers.torchserve_handler import ImageClassifierHandler
 
-SPEC = {"class_names": CLASSES, "input": {"channels": 1, "height": 28, "width": 28, "background": [0, 0, 0]}}
+SPEC = spec_for_tests(CLASSES)
 
 
 def images_tensor(*images, name="image") -> oip.Tensor:

@@ -17,7 +17,9 @@ from export import run as export_run
 from export.archive import ServingConfig
 from export.checkpoint import load_trained
 from export.run import ExportConfig, export, load_run_data
-from handlers.pipeline import Settings, load_classifier
+from handlers.archive import HandlerSettings
+from handlers.pipeline import load_classifier
+from handlers.spec import Spec
 from training.loop import normalize, per_channel
 
 QUICK = dict(rounds=1, round_seconds=0.05)  # the gate's timing, short: these tests assert behaviour, not speed
@@ -35,7 +37,7 @@ def exported_copy(tiny_run, tmp_path):
 
 
 def run_int8(out_dir, store, **gate):
-    spec = json.loads((out_dir / "spec.json").read_text())
+    spec = Spec.read(out_dir / "spec.json")
     *_, test_batches = export_run.test_images(out_dir, spec)
     report = json.loads((out_dir / "parity.json").read_text())
     archive = quantize.export_int8("tiny", out_dir, spec, test_batches, report, store, ServingConfig(),
@@ -68,7 +70,7 @@ def test_int8_archive_serves_the_quantized_model_within_the_gate(exported_copy, 
         mar.extractall(tmp_path / "unpacked")
     assert config["handler"]["backend"] == "onnxruntime"
     # What a worker does with the archive: the quantized model, scoring what the gate measured.
-    classifier = load_classifier(tmp_path / "unpacked", Settings.from_yaml(config["handler"], "model.int8.onnx"), 2,
+    classifier = load_classifier(tmp_path / "unpacked", HandlerSettings.from_model_config(config, "model.int8.onnx"), 2,
                                  None)
     test = load_run_data(out_dir)[0].test
     inputs = normalize(test.images, per_channel(spec["mean"]), per_channel(spec["std"])).numpy()
@@ -112,13 +114,13 @@ def test_a_model_the_quantizer_cannot_take_still_exports(exported_copy, monkeypa
 
 def test_calibration_uses_training_images_never_test_images(tiny_run):
     out_dir, _ = tiny_run
-    spec = json.loads((out_dir / "spec.json").read_text())
+    spec = Spec.read(out_dir / "spec.json")
     data = load_run_data(out_dir)[0]
     calibration = np.concatenate(quantize.calibration_batches(out_dir, spec, 100))
     assert len(calibration) == min(100, len(data.train))
 
     def rows(images):
-        normalized = normalize(images, per_channel(spec["mean"]), per_channel(spec["std"])).numpy()
+        normalized = normalize(images, per_channel(spec.mean), per_channel(spec.std)).numpy()
         return {row.tobytes() for row in normalized}
 
     train, test = rows(data.train.images), rows(data.test.images)

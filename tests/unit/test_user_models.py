@@ -21,7 +21,8 @@ from served import png
 
 from export.checkpoint import load_trained
 from export.run import ExportConfig, export, load_run_data
-from handlers.pipeline import Settings, classify_batch, load_classifier
+from handlers.archive import HandlerSettings
+from handlers.pipeline import classify_batch, load_classifier
 from training import data as datasets
 from training.__main__ import main as training_main
 from training.errors import UserError
@@ -64,7 +65,7 @@ def net_file(tmp_path, extra: str = ""):
 def eager_probabilities(out_dir, images: torch.Tensor) -> np.ndarray:
     model, spec = load_trained(out_dir)
     with torch.no_grad():
-        logits = model(normalize(images, per_channel(spec["mean"]), per_channel(spec["std"])))
+        logits = model(normalize(images, per_channel(spec.mean), per_channel(spec.std)))
     return torch.softmax(logits.double(), 1).numpy()
 
 
@@ -76,7 +77,7 @@ def serve_in_process(archive, tmp_path):
         names = mar.namelist()
         manifest = json.loads(mar.read("MAR-INF/MANIFEST.json"))
     config = yaml.safe_load((unpacked / "model-config.yaml").read_text())
-    settings = Settings.from_yaml(config["handler"], manifest["model"]["serializedFile"])
+    settings = HandlerSettings.from_model_config(config, manifest["model"]["serializedFile"])
     return load_classifier(unpacked, settings, workers=1, gpu_id=None), names
 
 
