@@ -13,10 +13,10 @@ ARG BASE_IMAGE=python:3.11-slim-bookworm
 FROM ${BASE_IMAGE} AS venv
 ENV DEBIAN_FRONTEND=noninteractive PIP_DISABLE_PIP_VERSION_CHECK=1
 # python images bring Python 3.11 in /usr/local; a bare Debian base gets Debian's (also 3.11).
-# javac (a JDK 17) patches TorchServe's frontend below; this stage's JDK never reaches the runtime.
-RUN python_packages=$(python3 -c "import venv, ensurepip" 2>/dev/null || echo python3 python3-venv) \
- && apt-get update && apt-get install -y --no-install-recommends openjdk-17-jdk-headless $python_packages \
- && rm -rf /var/lib/apt/lists/*
+RUN if ! python3 -c "import venv, ensurepip" 2>/dev/null; then \
+      apt-get update && apt-get install -y --no-install-recommends python3 python3-venv \
+      && rm -rf /var/lib/apt/lists/*; \
+    fi
 COPY docker/requirements-serve.txt /build/requirements-serve.txt
 COPY docker/wheels/ /build/wheels/
 RUN python3 -m venv /opt/venv \
@@ -34,7 +34,8 @@ RUN python3 -m venv /opt/venv \
            $site/kubernetes/aio $site/pandas/tests \
  && find /opt/venv -name "*.pyc" -path "*/tests/*" -delete
 # A form-typed body (curl --data-binary without -H) reaches the handler as raw bytes instead of a
-# 500 from the frontend: frontend-patch/apply.py, as `make java` does natively.
+# 500 from the frontend: frontend-patch/apply.py swaps the class compiled in the repository into the
+# jar (no JDK, no Java at all in this stage), as `make java` does natively.
 COPY frontend-patch/ /build/frontend-patch/
 RUN /opt/venv/bin/python /build/frontend-patch/apply.py
 
