@@ -79,7 +79,7 @@ class FastCNN(nn.Module):
     Keller Jordan's airbench does, so batch norm and ReLU run on a quarter of the pixels. The
     last runs at 1/8 of the input size, where a wide layer is cheap. A linear classifier reads the
     flattened last feature map (small images keep useful position information). No dropout: on
-    Fashion-MNIST it cost accuracy (92.30 % against 92.77 % in 8 epochs; README, "Time to accuracy").
+    Fashion-MNIST it cost accuracy (92.30 % against 92.77 % in 8 epochs; docs/design-notes.md, "The default model").
     """
 
     def __init__(self, in_channels: int, height: int, width: int, num_classes: int,

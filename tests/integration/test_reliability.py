@@ -1,7 +1,7 @@
 """Reliability against a real TorchServe: load with hostile inputs, bounded memory, faults, overload.
 
 Every load loop is bounded in requests and time and stays on loopback. Figures from these tests on
-the kit's machine are in the README (Reliability).
+the kit's machine are in docs/reliability.md.
 """
 
 from __future__ import annotations

@@ -112,7 +112,7 @@ def test_the_validation_finds_mistakes():
 
 
 def test_a_canary_rollout_is_a_valid_edit_of_either_manifest():
-    """README: a new storageUri with canaryTrafficPercent, applied over the running service."""
+    """docs/deploy.md: a new storageUri with canaryTrafficPercent, applied over the running service."""
     custom = copy.deepcopy(manifest("kit-modelserver.yaml"))
     custom["spec"]["predictor"]["canaryTrafficPercent"] = 10
     custom["spec"]["predictor"]["containers"][0]["env"][0]["value"] = "s3://BUCKET/image-classifier/model-store-v2"
