@@ -30,6 +30,14 @@ def spec_for_tests(class_names, channels: int = 1, size: tuple[int, int] = (28, 
                 (mean,) * channels, (std,) * channels, "none")
 
 
+def minor_versions_behind(serving: str, training: str) -> int:
+    """How many minor versions `serving` is behind `training` (same major version, local tags ignored)."""
+    (serving_major, serving_minor), (training_major, training_minor) = (
+        tuple(int(part) for part in version.split("+")[0].split(".")[:2]) for version in (serving, training))
+    assert serving_major == training_major, (serving, training)
+    return training_minor - serving_minor
+
+
 def run_cli(module: str, *args: str, cwd: Path = ROOT, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True,

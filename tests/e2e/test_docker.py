@@ -20,9 +20,11 @@ from pathlib import Path
 import harness
 import numpy as np
 import pytest
-from helpers import ROOT
+from helpers import ROOT, minor_versions_behind
 from served import BAD_INPUTS, assert_matches_eager, holds_an_invalid_escape
 from tritonclient.utils import InferenceServerException
+
+from handlers.archive import read_archive
 
 pytestmark = pytest.mark.docker
 PROJECT = "kit-e2e"
@@ -151,6 +153,19 @@ def test_container_predictions_match_in_process_eager(stack, served_images, mode
         status, body, _ = harness.predict(stack["url"], model, image, "image/png")
         assert status == 200, body
         assert_matches_eager(body, expected, class_names)
+
+
+def test_the_image_serves_the_torchscript_archive_written_by_training_torch(stack, exported, served_images):
+    """The torch pin policy (docs/deploy.md): the image's torch is at most one minor version older than the
+    torch that wrote the TorchScript archive, and it loads and serves that archive as eager answers."""
+    spec = read_archive(exported[1] / "fmnist-torchscript.mar").spec
+    served = compose(*PROFILE, "exec", "-T", "torchserve", "python3", "-c", "import torch; print(torch.__version__)",
+                     env=stack["env"]).stdout.strip()
+    assert minor_versions_behind(served, spec.torch_version) in (0, 1), (served, spec.torch_version)
+    pngs, probabilities, class_names = served_images
+    status, body, _ = harness.predict(stack["url"], "fmnist-torchscript", pngs[0], "image/png")
+    assert status == 200, body
+    assert_matches_eager(body, probabilities[0], class_names)
 
 
 def test_container_answers_images_sent_as_forms_like_any_other(stack, served_images):
