@@ -33,7 +33,12 @@ from handlers.spec import Spec
 from training.errors import UserError
 from training.models import ARCHITECTURES, architecture, check_input_size
 
-DATA_ARGUMENTS = ("in_channels", "num_classes", "height", "width")  # filled in from the data set
+# Constructor parameters the kit fills from the data set where the constructor takes them. Channels and
+# classes always; the image size only by names that cannot mean anything else: `height` and `width`
+# together, or one of IMAGE_SIZE_NAMES. A lone `width` or `height` is the model's own (a channel width).
+CHANNEL_NAMES = ("in_channels", "in_chans")  # in_chans: timm's spelling
+IMAGE_SIZE_NAMES = ("image_size", "img_size", "input_size")
+DATA_ARGUMENTS = (*CHANNEL_NAMES, "num_classes", "height", "width", *IMAGE_SIZE_NAMES)
 SOURCE_FILE = "model_source.py"  # the readable copy of a user model's source in artifacts/<name>/
 
 
@@ -193,23 +198,42 @@ def rebuild(spec: Spec, source: str | None) -> Origin:
 
 # ---------------------------------------------------------------------------- arguments and construction
 
-def arguments(origin: Origin, data_arguments: dict, given: dict) -> dict:
-    """Every argument of the constructor, JSON-ready, as the spec records them: the data set's
-    in_channels/num_classes/height/width where the constructor takes them, --model-args, defaults.
+def signature_of(origin: Origin) -> inspect.Signature:
+    try:
+        return inspect.signature(origin.constructor)
+    except (TypeError, ValueError):
+        raise UserError(f"cannot read {origin.reference}'s parameters: give a Python class or function") from None
+
+
+def filled_from_data(parameters, channels: int, num_classes: int, height: int, width: int) -> dict:
+    """The arguments the data set gives a constructor with these parameter names (see DATA_ARGUMENTS)."""
+    size = height if height == width else [height, width]
+    filled = {name: channels for name in CHANNEL_NAMES if name in parameters}
+    filled |= {name: value for name, value in (("num_classes", num_classes),) if name in parameters}
+    if "height" in parameters and "width" in parameters:
+        filled |= {"height": height, "width": width}
+    return filled | {name: size for name in IMAGE_SIZE_NAMES if name in parameters}
+
+
+def data_argument_names(origin: Origin) -> set[str]:
+    """Which of the constructor's arguments come from the data set (not inherited when fine-tuning)."""
+    return set(filled_from_data(signature_of(origin).parameters, 1, 1, 1, 1))
+
+
+def arguments(origin: Origin, shape: tuple[int, int, int], num_classes: int, given: dict) -> dict:
+    """Every argument of the constructor, JSON-ready, as the spec records them: what the data set fills
+    in (filled_from_data: channels, classes, the image size by unambiguous names), --model-args, defaults.
 
     A default that JSON cannot hold (say, an activation class) is left to the constructor: the
     recorded source fixes it anyway."""
-    try:
-        signature = inspect.signature(origin.constructor)
-    except (TypeError, ValueError):
-        raise UserError(f"cannot read {origin.reference}'s parameters: give a Python class or function") from None
+    signature = signature_of(origin)
     parameters = signature.parameters
-    arguments = {k: v for k, v in data_arguments.items() if k in parameters}
+    arguments = filled_from_data(parameters, *shape[:1], num_classes, *shape[1:])
     for key, value in given.items():
         if key in arguments and json_ready(value) != arguments[key]:
             raise UserError(
                 f"--model-args {key}={value!r} conflicts with the data set ({key} is {arguments[key]}): the kit "
-                f"fills {', '.join(DATA_ARGUMENTS)} from the data; a parameter meaning something else needs "
+                f"fills {', '.join(sorted(arguments))} from the data; a parameter meaning something else needs "
                 "another name")
         arguments[key] = value
     try:

@@ -66,12 +66,12 @@ from training.loop import (
 )
 from training.metrics import confusion_matrix, per_class
 from training.model_origin import (
-    DATA_ARGUMENTS,
     SOURCE_FILE,
     Origin,
     arguments,
     check_forward,
     construct,
+    data_argument_names,
     rebuild,
     resolve,
 )
@@ -119,7 +119,8 @@ def choose_origin(config: TrainConfig, parent: Parent | None) -> tuple[Origin, d
     if parent.spec is None:
         raise UserError(f"{parent.path} is a plain state_dict: it does not say which model it fits; give --model")
     origin = rebuild(parent.spec, parent.model_source)
-    inherited = {k: v for k, v in parent.spec.arch_args.items() if k not in DATA_ARGUMENTS}
+    from_data = data_argument_names(origin)
+    inherited = {k: v for k, v in parent.spec.arch_args.items() if k not in from_data}
     return origin, {**inherited, **config.model_args}
 
 
@@ -132,8 +133,7 @@ def prepare_model(config: TrainConfig, data: datasets.Data) -> PreparedModel:
         print(f"note: {origin.reference} imports {', '.join(origin.local_imports)} from {origin.directory}: only the "
               "model's own file travels with the checkpoint; keep those importable for export")
     channels, height, width = data.shape
-    data_arguments = {"in_channels": channels, "num_classes": len(data.class_names), "height": height, "width": width}
-    arch_args = arguments(origin, data_arguments, given)
+    arch_args = arguments(origin, data.shape, len(data.class_names), given)
     model = construct(origin, arch_args)
     example, _ = next(batches(data.train, 2, torch.device("cpu"), None, data.shape, 0))
     check_forward(model, origin, example.cpu().float() / 255, len(data.class_names))
