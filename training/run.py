@@ -36,7 +36,7 @@ from training.checkpoint import (
     write_bytes_atomic,
     write_json_atomic,
 )
-from training.config import TrainConfig
+from training.config import RUN_DEFINING, TrainConfig
 from training.distributed import (
     Stopped,
     World,
@@ -77,11 +77,6 @@ from training.model_origin import (
 from training.models import DEFAULT_ARCH
 from training.plots import plot_confusion, plot_curves
 from training.report import report_training
-
-# Options that define what is trained: a resumed run must use the same ones as the saved state.
-RUN_DEFINING = ("dataset", "model", "model_args", "init_from", "freeze", "epochs", "batch_size", "optimizer", "lr",
-                "momentum", "nesterov", "weight_decay", "schedule", "warmup_epochs", "label_smoothing", "augment",
-                "ema_decay", "val_fraction", "test_fraction", "image_size", "train_limit", "seed")
 
 
 def prepare_data(config: TrainConfig, device: torch.device, quiet: bool = False) -> datasets.Data:
