@@ -89,21 +89,21 @@ def test_resume_from_epoch_one_matches_a_straight_run(tmp_path):
 
 def interrupted_after_one_epoch(config: TrainConfig) -> None:
     """Runs `config` but raises KeyboardInterrupt after epoch 1's last.pt is written."""
-    import training.run as run
+    import training.resume as resume  # where last.pt is written
 
-    original = run.write_bytes_atomic
+    original = resume.write_bytes_atomic
 
     def write_then_stop(path, payload):
         original(path, payload)
         if path.name == "last.pt":
             raise KeyboardInterrupt
 
-    run.write_bytes_atomic = write_then_stop
+    resume.write_bytes_atomic = write_then_stop
     try:
         with pytest.raises(KeyboardInterrupt):
             train(config)
     finally:
-        run.write_bytes_atomic = original
+        resume.write_bytes_atomic = original
     assert not (config.out_dir / "checkpoint.pt").exists()
 
 
