@@ -255,9 +255,10 @@ def make_setting(config: TrainConfig, data: datasets.Data, device: torch.device,
             batches(data.train, 1024, device, None, data.shape, config.workers), data.shape[0])
     # the moving average, where it is on, is what is validated, kept and shipped
     average = make_weight_average(model) if config.ema_decay else None
-    return Setting(config, data, device, pick_autocast_dtype(config.precision, device), world, (mean, std),
-                   per_channel(mean, device), per_channel(std, device), order, augment, model, average,
-                   origin.source_sha256)
+    return Setting(config=config, data=data, device=device, world=world,
+                   autocast_dtype=pick_autocast_dtype(config.precision, device), statistics=(mean, std),
+                   mean=per_channel(mean, device), std=per_channel(std, device), order=order, augment=augment,
+                   model=model, average=average, source_sha256=origin.source_sha256)
 
 
 def train_epochs(run: Setting, trainable, optimizer, scheduler, progress: Progress, board: TensorBoard) -> None:
