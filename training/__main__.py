@@ -50,7 +50,7 @@ def argument(f: dataclasses.Field, option) -> dict:
     keywords = {"default": default, "help": option.help}
     if kind == "bool":
         keywords["action"] = argparse.BooleanOptionalAction
-    elif option.read is None and kind in CONVERSIONS:
+    elif kind in CONVERSIONS:
         keywords["type"] = CONVERSIONS[kind]
     if option.choices is not None:
         keywords["choices"] = option.choices

@@ -3,9 +3,9 @@
 Writes into artifacts/<name>/: checkpoint.pt, spec.json, metrics.json, train_config.json,
 curves.png, confusion_matrix.png, model_source.py (a user model's source), analysis.json,
 misclassified.png, report.html (training/report.py), tensorboard/ with --tensorboard, and last.pt
-(the full training state after every epoch, for --resume). Every write is atomic; an interrupted
-run leaves the previous outputs intact, and a mistake found before training (a model that does
-not build or run, weights that do not fit) leaves artifacts/<name>/ untouched.
+(the full training state after every epoch, for --resume: training/resume.py). Every write is
+atomic; an interrupted run leaves the previous outputs intact, and a mistake found before training
+(a model that does not build or run, weights that do not fit) leaves artifacts/<name>/ untouched.
 """
 
 from __future__ import annotations
