@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from export import parity  # noqa: E402
 from export.checkpoint import load_trained  # noqa: E402
+from export.data import load_run_data  # noqa: E402
 from export.run import test_images  # noqa: E402
 from handlers.spec import Spec  # noqa: E402
 
@@ -52,7 +53,7 @@ def main() -> int:
     if not (out_dir / "model.onnx").is_file():
         raise SystemExit(f"error: run `make train export NAME={args.name}` first")
     spec = Spec.read(out_dir / "spec.json")
-    images, _, _ = test_images(out_dir, spec)  # the run's own first 64 test images, normalized
+    images, _, _ = test_images(load_run_data(out_dir), spec)  # the run's own first 64 test images, normalized
     formats = runners(out_dir)
     for run in formats.values():  # warm-up: first calls allocate and optimize
         for batch in (images[:1], images):

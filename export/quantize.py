@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from export.archive import ServingConfig, build_archive
+from export.data import RunData
 from handlers.pipeline import onnxruntime_backend, threads_per_worker
 from handlers.spec import Spec
 from training.checkpoint import write_json_atomic
@@ -42,11 +43,9 @@ class Int8Gate:
     round_seconds: float = 0.3
 
 
-def calibration_batches(out_dir: Path, spec: Spec, count: int, seed: int = 0) -> list[np.ndarray]:
+def calibration_batches(run_data: RunData, spec: Spec, count: int, seed: int = 0) -> list[np.ndarray]:
     """Normalized float32 batches of `count` training images (a seeded sample), as served models see them."""
-    from export.run import load_run_data  # export.run calls this module: import at call time
-
-    data, run = load_run_data(out_dir)
+    data, run = run_data
     order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed))[:count]
     mean, std = per_channel(spec.mean), per_channel(spec.std)
     return [normalize(images.cpu(), mean, std).numpy()
@@ -136,9 +135,10 @@ def format_table(result: dict) -> str:
         f"{result['batch_size']} on {result['threads']} thread(s)): {'passed' if result['passed'] else 'FAILED'}"])
 
 
-def export_int8(name: str, out_dir: Path, spec: Spec, test_batches: Callable[[], Iterable], report: dict,
-                model_store: Path, serving: ServingConfig, gate: Int8Gate = Int8Gate()) -> Path | None:
-    """Quantizes, gates, records the result in report["int8"] (and parity.json), archives on a pass.
+def export_int8(name: str, out_dir: Path, spec: Spec, run_data: RunData, test_batches: Callable[[], Iterable],
+                report: dict, model_store: Path, serving: ServingConfig, gate: Int8Gate = Int8Gate()) -> Path | None:
+    """Quantizes (calibrated on `run_data`'s training split), gates on `test_batches`, records the
+    result in report["int8"] (and parity.json), archives on a pass.
 
     Returns the archive, or None after printing one line that says why there is none. A failed gate
     also removes an INT8 archive left by an earlier export: it would serve an older model.
@@ -148,7 +148,7 @@ def export_int8(name: str, out_dir: Path, spec: Spec, test_batches: Callable[[],
     archive = model_store / f"{name}{ARCHIVE_SUFFIX}.mar"
     try:
         try:
-            quantize(fp32_model, pending, calibration_batches(out_dir, spec, gate.calibration_images))
+            quantize(fp32_model, pending, calibration_batches(run_data, spec, gate.calibration_images))
         except Exception as error:  # e.g. an operator the quantizer does not handle, in a user's model
             result = {"gate": asdict(gate), "passed": False,
                       "why_not": f"quantization failed ({type(error).__name__}: {error})".splitlines()[0]}

@@ -8,7 +8,6 @@ written either way: it says what failed.
 from __future__ import annotations
 
 import itertools
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,9 +18,9 @@ import torch
 from export import convert, parity, quantize
 from export.archive import ServingConfig, build_archive, ensure_writable
 from export.checkpoint import load_trained
+from export.data import RunData, load_run_data
 from export.report import update_report
 from handlers.spec import Spec
-from training import data as datasets
 from training.checkpoint import write_json_atomic
 from training.config import check_name
 from training.errors import UserError
@@ -48,24 +47,10 @@ class ExportConfig:
                             "--max-batch-delay not negative")
 
 
-def load_run_data(out_dir: Path) -> tuple[datasets.Data, dict]:
-    """The data set exactly as the training run split it (train_config.json), and that config."""
-    config_path = out_dir / "train_config.json"
-    if not config_path.is_file():
-        raise UserError(f"{config_path} is missing: the parity gate needs the run's test split; train again")
-    run = json.loads(config_path.read_text())
-    try:
-        data = datasets.load(run["dataset"], Path(run["data_dir"]), run["val_fraction"], run["test_fraction"],
-                             run["seed"], run["image_size"], run["max_memory_mb"], run["workers"], download=False)
-    except UserError as error:
-        raise UserError(f"the parity gate needs the test images of {run['dataset']}: {error}") from None
-    return data, run
-
-
-def test_images(out_dir: Path, spec: Spec, sample_size: int = max(parity.BATCH_SIZES)):
+def test_images(run_data: RunData, spec: Spec, sample_size: int = max(parity.BATCH_SIZES)):
     """(the first `sample_size` normalized test images, edge images, a function yielding the whole
     test split in batches)."""
-    data, run = load_run_data(out_dir)
+    data, run = run_data
     mean, std = per_channel(spec.mean), per_channel(spec.std)
     shape = tuple(data.shape)
 
@@ -90,7 +75,8 @@ def export(config: ExportConfig) -> dict:
     model, spec = load_trained(out_dir)
     ensure_writable(config.model_store)
     batch_sizes = tuple(sorted({*parity.BATCH_SIZES, config.serving.batch_size}))
-    sample, edge, test_batches = test_images(out_dir, spec, max(batch_sizes))
+    run_data = load_run_data(out_dir)  # once: the parity gate's test split, INT8's calibration images
+    sample, edge, test_batches = test_images(run_data, spec, max(batch_sizes))
     batch_sizes = tuple(size for size in batch_sizes if size <= len(sample))
 
     pending = {name: out_dir / f".pending-{file_name}" for name, (file_name, *_) in FORMATS.items()}
@@ -119,7 +105,8 @@ def export(config: ExportConfig) -> dict:
                                 config.model_store, config.serving)
         print(f"wrote {archive} ({archive.stat().st_size / 1e6:.1f} MB, {backend})")
     # INT8 (its own gate; a failure leaves the two archives above in place)
-    quantize.export_int8(config.name, out_dir, spec, test_batches, report, config.model_store, config.serving)
+    quantize.export_int8(config.name, out_dir, spec, run_data, test_batches, report, config.model_store,
+                         config.serving)
     update_report(out_dir, config.model_store)
     print(f"export took {time.perf_counter() - started:.1f}s")
     return report

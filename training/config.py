@@ -1,9 +1,15 @@
-"""TrainConfig: every option of a training run, validated when built, written next to the outputs."""
+"""TrainConfig: every option of a training run, defined once, validated when built, written next to the outputs.
+
+Each field carries its command-line form (`Option`): `python -m training` builds its parser from
+these fields, and a resumed run is checked against the options marked `defines_run` (RUN_DEFINING).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,43 +20,126 @@ from training.models import ARCHITECTURES
 AUGMENTATIONS = ("none", "flip", "crop", "crop+flip")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # also a TorchServe model name
 
+# The sections of `python -m training --help`, in order.
+WHAT, HOW, DATA, OUTPUTS = "what to train", "how to train", "data", "hardware and outputs"
+
+
+@dataclass(frozen=True)
+class Option:
+    """A TrainConfig field's command-line form: --NAME (underscores as dashes), typed by the field."""
+
+    group: str  # its --help section
+    help: str  # argparse help text: %(default)s shows the default
+    defines_run: bool = False  # what is trained: a --resume must use the saved value
+    choices: tuple | None = None  # the allowed values (checked when a config is built)
+    metavar: str | None = None
+    read: Callable[[str], object] | None = None  # command-line text -> value, for fields that are not str/number/Path
+
+
+def option(default, group: str, help: str, *, defines_run: bool = False, choices: tuple | None = None,
+           metavar: str | None = None, read: Callable[[str], object] | None = None):
+    """A TrainConfig field and its command-line form."""
+    metadata = {"option": Option(group, help, defines_run, choices, metavar, read)}
+    if isinstance(default, dict):  # mutable: every config gets its own
+        return field(default_factory=lambda: dict(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def flag(name: str) -> str:
+    """A field's command-line flag: model_args -> --model-args."""
+    return "--" + name.replace("_", "-")
+
+
+def json_object(text: str) -> dict:
+    """--model-args: a JSON object of keyword arguments."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise UserError(f"--model-args is not valid JSON ({error.msg} at character {error.pos}): "
+                        """write a JSON object, e.g. '{"base_width": 32}'""") from None
+    if not isinstance(value, dict):
+        raise UserError(f"--model-args must be a JSON object of keyword arguments, not {type(value).__name__}")
+    return value
+
+
+def prefixes(text: str) -> tuple:
+    """--freeze: parameter-name prefixes separated by commas."""
+    return tuple(prefix for prefix in text.split(",") if prefix)
+
 
 @dataclass(frozen=True)
 class TrainConfig:
-    name: str = "fashion-mnist"  # the model's name: artifacts/<name>/, model_store/<name>.mar
-    dataset: str = "fashion-mnist"
-    model: str | None = None  # registry name, path/file.py:Name or package.module:Name; None: fast-cnn or --init-from's
-    model_args: dict = field(default_factory=dict)  # keyword arguments for the model's constructor
-    init_from: Path | None = None  # start from these weights (a kit checkpoint or a plain state_dict)
-    freeze: tuple = ()  # parameter-name prefixes that are not trained
-    epochs: int = 9  # 93.34 % test; 8: 93.08 %; 10: 93.22 % (README: "Time to accuracy")
-    batch_size: int = 256
-    optimizer: str = "sgd"  # sgd (momentum, Nesterov) or adamw
-    lr: float = 0.1  # peak learning rate
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    schedule: str = "linear"  # onecycle; linear or cosine: linear warmup, then linear or cosine decay to 0
-    warmup_epochs: float = 0.5  # linear and cosine; one-cycle warms up for 25 % of the run
-    label_smoothing: float = 0.1
-    ema_decay: float = 0.99  # evaluate and keep a moving average of the weights (per step); 0 = off
-    augment: str = "flip"  # none, flip, crop, crop+flip (flip only where the data allows it)
-    patience: int = 0  # stop after this many epochs without a better validation accuracy; 0 = never
-    val_fraction: float = 0.1
-    test_fraction: float = 0.1  # data sets without an official test split (mnist-5k, folder:)
-    image_size: int | None = None  # folder: only; default: the images' own size, or 64
-    train_limit: int | None = None  # train on the first N training images only (quick runs)
-    seed: int = 0
-    device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps
-    precision: str = "auto"  # auto (bf16 where the device has fast bf16), bf16, fp32
-    compile: bool = False  # torch.compile the model for training
-    workers: int = 2  # decoding processes for folder: data
-    max_memory_mb: int = 4096  # folder: data larger than this streams from disk
-    data_dir: Path = Path("data")
-    artifacts_dir: Path = Path("artifacts")
-    resume: Path | None = None  # a last.pt to continue from
-    download: bool = True  # let torchvision download mnist / cifar10 / fashion-mnist where reachable
-    tensorboard: bool = False  # also log to artifacts/<name>/tensorboard/ (the HTML report is always written)
+    # what to train
+    name: str = option(  # artifacts/<name>/, model_store/<name>.mar
+        "fashion-mnist", WHAT, "model name: artifacts/NAME/, model_store/NAME.mar (%(default)s)")
+    dataset: str = option(
+        "fashion-mnist", WHAT, f"{', '.join(BUILTIN)} or folder:PATH (one subfolder per class) (%(default)s)",
+        defines_run=True)
+    model: str | None = option(  # None: the --init-from checkpoint's model, else fast-cnn
+        None, WHAT, f"{', '.join(ARCHITECTURES)}, or your own: path/to/file.py:ClassName or "
+                    "package.module:ClassName (a class or a function returning an nn.Module). Default: "
+                    "the --init-from checkpoint's model, else fast-cnn", defines_run=True)
+    model_args: dict = option(
+        {}, WHAT, "keyword arguments for the model, a JSON object; in_channels, num_classes, height "
+                  "and width come from the data set where the model takes them",
+        defines_run=True, metavar="JSON", read=json_object)
+    init_from: Path | None = option(
+        None, WHAT, "start from these weights: a kit checkpoint.pt or a plain state_dict (.pt/.pth); "
+                    "tensors are matched by name and shape, the rest stays freshly initialized",
+        defines_run=True, metavar="PATH")
+    freeze: tuple = option(
+        (), WHAT, "do not train parameters whose names start with a prefix (their batch-norm "
+                  "statistics stay fixed too); --summary lists the names",
+        defines_run=True, metavar="PREFIX[,PREFIX...]", read=prefixes)
+    image_size: int | None = option(  # None: the images' own size, or 64
+        None, WHAT, "folder: only: train at SIZExSIZE (default: the images' own size when all "
+                    "share one, else 64)", defines_run=True)
+    # how to train
+    epochs: int = option(9, HOW, "(%(default)s)", defines_run=True)  # 93.34 % test; 8: 93.08 %; 10: 93.22 %
+    batch_size: int = option(
+        256, HOW, "the global batch: under torchrun each of N processes takes batch/N of it, so the "
+                  "learning rate and schedule keep their meaning (%(default)s)", defines_run=True)
+    optimizer: str = option("sgd", HOW, "(%(default)s)", defines_run=True, choices=("sgd", "adamw"))
+    lr: float = option(0.1, HOW, "peak learning rate (%(default)s; try 3e-3 for adamw)", defines_run=True)
+    momentum: float = option(0.9, HOW, "SGD momentum (%(default)s)", defines_run=True)
+    nesterov: bool = option(True, HOW, "Nesterov momentum for SGD (on)", defines_run=True)
+    weight_decay: float = option(5e-4, HOW, "on weights, not on biases or batch norm (%(default)s)",
+                                 defines_run=True)
+    schedule: str = option(
+        "linear", HOW, "one-cycle, or linear warmup then linear or cosine decay to zero (%(default)s)",
+        defines_run=True, choices=("onecycle", "linear", "cosine"))
+    warmup_epochs: float = option(  # one-cycle warms up for 25 % of the run
+        0.5, HOW, "linear and cosine schedules (%(default)s)", defines_run=True)
+    label_smoothing: float = option(0.1, HOW, "(%(default)s)", defines_run=True)
+    ema_decay: float = option(
+        0.99, HOW, "evaluate, keep and export a moving average of the weights, updated every step "
+                   "with this decay; 0 = off (%(default)s)", defines_run=True)
+    augment: str = option(
+        "flip", HOW, "random horizontal flip (only where the data allows it: not for digits) and/or "
+                     "random crop with 2-pixel padding (%(default)s)", defines_run=True, choices=AUGMENTATIONS)
+    patience: int = option(
+        0, HOW, "early stop after N epochs without a better validation accuracy; 0 = never (%(default)s)")
+    seed: int = option(0, HOW, "seeds splits, initialization, shuffling (%(default)s)", defines_run=True)
+    resume: Path | None = option(None, HOW, "continue from a last.pt written by an earlier run")
+    # data
+    val_fraction: float = option(0.1, DATA, "validation share carved from the training split (%(default)s)",
+                                 defines_run=True)
+    test_fraction: float = option(  # data sets without an official test split (mnist-5k, folder:)
+        0.1, DATA, "test share for data sets without an official test split (%(default)s)", defines_run=True)
+    train_limit: int | None = option(None, DATA, "use only N training images (quick runs)", defines_run=True)
+    data_dir: Path = option(Path("data"), DATA, "downloaded data sets (%(default)s)")
+    download: bool = option(  # mnist / cifar10 / fashion-mnist through torchvision
+        True, DATA, "let torchvision download missing data where the internet is reachable (on)")
+    workers: int = option(2, DATA, "image decoding processes (%(default)s)")  # for folder: data
+    max_memory_mb: int = option(4096, DATA, "folder: data larger than this streams from disk (%(default)s)")
+    # hardware and outputs
+    device: str = option("auto", OUTPUTS, "auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps (%(default)s)")
+    precision: str = option("auto", OUTPUTS, "auto: bf16 autocast where the device runs bf16 fast (%(default)s)",
+                            choices=("auto", "bf16", "fp32"))
+    compile: bool = option(False, OUTPUTS, "torch.compile the model (off)")
+    artifacts_dir: Path = option(Path("artifacts"), OUTPUTS, "(%(default)s)")
+    tensorboard: bool = option(False, OUTPUTS, "also log to ARTIFACTS_DIR/NAME/tensorboard/ for TensorBoard (off; "
+                                               "report.html is always written)")
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -67,20 +156,19 @@ class TrainConfig:
             raise UserError("--model-args must be a JSON object of keyword arguments")
         if not all(isinstance(prefix, str) and prefix for prefix in self.freeze):
             raise UserError("--freeze takes parameter-name prefixes separated by commas, e.g. features.0,features.1")
-        choices = {"optimizer": ("sgd", "adamw"), "schedule": ("onecycle", "linear", "cosine"),
-                   "precision": ("auto", "bf16", "fp32"), "augment": AUGMENTATIONS}
-        for option, allowed in choices.items():
-            if getattr(self, option) not in allowed:
-                raise UserError(f"--{option} {getattr(self, option)!r}: choose one of {', '.join(allowed)}")
+        for f in dataclasses.fields(self):
+            allowed, value = f.metadata["option"].choices, getattr(self, f.name)
+            if allowed is not None and value not in allowed:
+                raise UserError(f"{flag(f.name)} {value!r}: choose one of {', '.join(allowed)}")
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             raise UserError(f"--device {self.device!r}: use auto, cpu, cuda, cuda:N or mps")
         positive = ("epochs", "batch_size", "lr", "max_memory_mb")
         for option in positive:
             if getattr(self, option) <= 0:
-                raise UserError(f"--{option.replace('_', '-')} must be positive")
+                raise UserError(f"{flag(option)} must be positive")
         for option in ("val_fraction", "test_fraction"):
             if not 0 < getattr(self, option) < 0.5:
-                raise UserError(f"--{option.replace('_', '-')} must be between 0 and 0.5")
+                raise UserError(f"{flag(option)} must be between 0 and 0.5")
         if not 0 <= self.label_smoothing < 1:
             raise UserError("--label-smoothing must be in [0, 1)")
         if not 0 <= self.ema_decay < 1:
@@ -103,12 +191,20 @@ class TrainConfig:
 
     @classmethod
     def from_options(cls, options: dict) -> TrainConfig:
-        """Builds a config from a dict (e.g. parsed CLI options); unknown keys are an error."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(options) - known)
+        """Builds a config from a dict (e.g. parsed CLI options); unknown keys are an error. Text for an
+        option that is neither a string, a number nor a path (--model-args, --freeze) is read as the
+        command line writes it."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - set(fields))
         if unknown:
             raise UserError(f"unknown training option(s): {', '.join(unknown)}")
-        return cls(**options)
+        read = {name: fields[name].metadata["option"].read for name in options}
+        return cls(**{name: read[name](value) if read[name] and isinstance(value, str) else value
+                      for name, value in options.items()})
+
+
+# Options that define what is trained: a resumed run must use the same ones as the saved state.
+RUN_DEFINING = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata["option"].defines_run)
 
 
 def check_name(name: str) -> None:

@@ -1,4 +1,5 @@
-"""The training loop's parts: device and precision choice, batching, augmentation, steps, evaluation.
+"""The training loop's parts: device and precision choice, batching, augmentation, one epoch of
+steps, evaluation, and what the epochs share (Setting) and carry on (Progress).
 
 Data held in memory is a uint8 tensor on the training device: a batch is an index into it,
 scaled, normalized and augmented with tensor operations, never one PIL image at a time.
@@ -9,15 +10,20 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
-from training.data import FolderImages, Split
+from training.config import TrainConfig
+from training.data import Data, FolderImages, Split
 from training.distributed import SINGLE, World
 from training.errors import UserError
+from training.finetune import hold_frozen_batch_norm
 
 
 def pick_device(name: str) -> torch.device:
@@ -91,6 +97,13 @@ def batches(split: Split, batch_size: int, device: torch.device, generator: torc
         if generator is not None and len(labels) == 1 and n > 1:
             return
         yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+
+
+def steps_per_epoch(images: int, batch_size: int, world: World) -> int:
+    """As batches() counts: a last batch too small to share (fewer than 2 images per process)
+    is dropped, since batch norm cannot train on one sample."""
+    last = images % batch_size
+    return max(1, images // batch_size + (last // world.size >= 2 if world.distributed else last > 1))
 
 
 def per_channel(values: list[float], device: torch.device | str = "cpu") -> torch.Tensor:
@@ -211,3 +224,85 @@ def shard(split: Split, world: World) -> Split:
         return split
     size = -(-len(split) // world.size)
     return split.subset(torch.arange(world.rank * size, min(len(split), (world.rank + 1) * size)))
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What every epoch of a run shares (fixed once the run starts)."""
+
+    config: TrainConfig
+    data: Data
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    world: World
+    statistics: tuple[list[float], list[float]]  # the training split's per-channel mean and std, as the spec keeps them
+    mean: torch.Tensor  # statistics[0] as (1, C, 1, 1) on the device
+    std: torch.Tensor
+    order: torch.Generator  # shuffling: the same sequence in every process
+    augment: torch.Generator  # crops and flips: this process's own (the order generator in one process)
+    model: nn.Module  # the bare model (what trains may wrap it: DDP, torch.compile)
+    average: nn.Module | None  # the moving average of its weights (--ema-decay), else None
+    source_sha256: str | None  # of a user model's source file: a resumed run must have the same
+
+    @property
+    def shipped(self) -> nn.Module:
+        """What is validated, kept and exported: the moving average where it is on, else the model."""
+        return self.average if self.average is not None else self.model
+
+    @property
+    def precision(self) -> str:
+        return "bf16 autocast" if self.autocast_dtype else "fp32"
+
+
+@dataclass
+class Progress:
+    """What the epoch loop carries from one epoch to the next (and last.pt to a resumed run)."""
+
+    epoch: int = 0  # the last finished epoch
+    history: list[dict] = field(default_factory=list)  # per epoch: losses, accuracies, speed, lr, time so far
+    best_state: dict | None = None  # the shipped weights of the best validation accuracy so far
+    best_epoch: int = 0
+    best_val_accuracy: float = -1.0
+    images_seen: int = 0
+    train_step_seconds: float = 0.0  # in training steps
+    train_loop_seconds: float = 0.0  # in whole epochs (steps and validation)
+
+
+def train_epoch(trainable, optimizer, scheduler, run: Setting, epoch: int) -> tuple[float, float, int, float]:
+    """One pass over the training split: (mean loss, accuracy, images, seconds), all processes'."""
+    config, data, device = run.config, run.data, run.device
+    trainable.train()
+    hold_frozen_batch_norm(trainable, config.freeze)
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    seen, started = 0, time.perf_counter()
+    bar = tqdm(total=len(data.train) // run.world.size, unit="img", unit_scale=True, leave=False,
+               disable=None if run.world.main else True, desc=f"epoch {epoch}/{config.epochs}", mininterval=0.5)
+    for step, (images, labels) in enumerate(batches(data.train, config.batch_size, device, run.order,
+                                                    data.shape, config.workers, run.world)):
+        if "crop" in config.augment:
+            images = random_crop(images, 2, run.augment)
+        if "flip" in config.augment and data.flip_ok:
+            images = random_flip(images, run.augment)
+        inputs = normalize(images, run.mean, run.std).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=run.autocast_dtype or torch.float32,
+                            enabled=run.autocast_dtype is not None):
+            logits = trainable(inputs)
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        if run.average is not None:
+            update_weight_average(run.average, run.model, config.ema_decay, scheduler.last_epoch)
+        loss_sum += loss.detach() * len(labels)
+        correct += (logits.argmax(1) == labels).sum()
+        seen += len(labels)
+        bar.update(len(labels))
+        if step % 20 == 0:  # .item() waits for the device: not every step
+            bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.4f}")
+    bar.close()
+    seconds = time.perf_counter() - started
+    totals = run.world.sum(torch.stack([loss_sum.float(), correct.float(), torch.tensor(float(seen), device=device)]))
+    loss_total, correct_total, seen_total = totals.tolist()
+    return loss_total / seen_total, correct_total / seen_total, int(seen_total), seconds

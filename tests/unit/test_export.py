@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import shutil
 import zipfile
@@ -10,10 +11,11 @@ import onnx
 import pytest
 import torch
 import yaml
-from helpers import assert_one_line_error, run_cli
+from helpers import ROOT, assert_one_line_error, run_cli
 
 from export import archive, convert
 from export.run import ExportConfig, export
+from training import data as datasets
 from training.errors import UserError
 
 
@@ -145,3 +147,42 @@ def test_cli_without_a_trained_model_says_to_train(tmp_path):
     result = run_cli("export", "--name", "nothing", "--artifacts-dir", str(tmp_path), "--model-store",
                      str(tmp_path / "store"))
     assert_one_line_error(result, "run `make train` first")
+
+
+def test_export_loads_the_run_data_once(copied, monkeypatch):
+    """The parity gate's test split and the INT8 calibration's training images come from one load."""
+    artifacts, store = copied
+    loads = []
+    original = datasets.load
+
+    def counted(*args, **kwargs):
+        loads.append(args[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(datasets, "load", counted)
+    report = export(ExportConfig("tiny", artifacts, store))
+    assert report["passed"] and "int8" in report
+    assert loads == ["mnist-5k"]
+
+
+def test_export_modules_import_each_other_in_one_direction():
+    """No circle among export/'s modules, counting imports inside functions too."""
+    modules = {path.stem: path for path in (ROOT / "export").glob("*.py") if path.stem != "__init__"}
+    imports = {}
+    for name, path in modules.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "export":
+                found.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("export."):
+                found.add(node.module.split(".")[1])
+            elif isinstance(node, ast.Import):
+                found.update(alias.name.split(".")[1] for alias in node.names if alias.name.startswith("export."))
+        imports[name] = found & set(modules)
+
+    def reaches(start, target, seen=()):
+        return any(other == target or (other not in seen and reaches(other, target, (*seen, other)))
+                   for other in imports[start])
+
+    assert imports["run"] >= {"data", "quantize"} and "run" not in imports["quantize"]
+    assert not [name for name in modules if reaches(name, name)]

@@ -16,7 +16,8 @@ from export import quantize
 from export import run as export_run
 from export.archive import ServingConfig
 from export.checkpoint import load_trained
-from export.run import ExportConfig, export, load_run_data
+from export.data import load_run_data
+from export.run import ExportConfig, export
 from handlers.archive import HandlerSettings
 from handlers.pipeline import load_classifier
 from handlers.spec import Spec
@@ -38,9 +39,10 @@ def exported_copy(tiny_run, tmp_path):
 
 def run_int8(out_dir, store, **gate):
     spec = Spec.read(out_dir / "spec.json")
-    *_, test_batches = export_run.test_images(out_dir, spec)
+    run_data = load_run_data(out_dir)
+    *_, test_batches = export_run.test_images(run_data, spec)
     report = json.loads((out_dir / "parity.json").read_text())
-    archive = quantize.export_int8("tiny", out_dir, spec, test_batches, report, store, ServingConfig(),
+    archive = quantize.export_int8("tiny", out_dir, spec, run_data, test_batches, report, store, ServingConfig(),
                                    quantize.Int8Gate(**{**QUICK, **gate}))
     return archive, json.loads((out_dir / "parity.json").read_text())["int8"]
 
@@ -115,8 +117,9 @@ def test_a_model_the_quantizer_cannot_take_still_exports(exported_copy, monkeypa
 def test_calibration_uses_training_images_never_test_images(tiny_run):
     out_dir, _ = tiny_run
     spec = Spec.read(out_dir / "spec.json")
-    data = load_run_data(out_dir)[0]
-    calibration = np.concatenate(quantize.calibration_batches(out_dir, spec, 100))
+    run_data = load_run_data(out_dir)
+    data = run_data.data
+    calibration = np.concatenate(quantize.calibration_batches(run_data, spec, 100))
     assert len(calibration) == min(100, len(data.train))
 
     def rows(images):

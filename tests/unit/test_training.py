@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,22 +90,36 @@ def test_resume_from_epoch_one_matches_a_straight_run(tmp_path):
 
 def interrupted_after_one_epoch(config: TrainConfig) -> None:
     """Runs `config` but raises KeyboardInterrupt after epoch 1's last.pt is written."""
-    import training.run as run
+    import training.resume as resume  # where last.pt is written
 
-    original = run.write_bytes_atomic
+    original = resume.write_bytes_atomic
 
     def write_then_stop(path, payload):
         original(path, payload)
         if path.name == "last.pt":
             raise KeyboardInterrupt
 
-    run.write_bytes_atomic = write_then_stop
+    resume.write_bytes_atomic = write_then_stop
     try:
         with pytest.raises(KeyboardInterrupt):
             train(config)
     finally:
-        run.write_bytes_atomic = original
+        resume.write_bytes_atomic = original
     assert not (config.out_dir / "checkpoint.pt").exists()
+
+
+def test_last_pt_holds_one_training_state(tiny_run):
+    from training.resume import TrainingState
+
+    out_dir, metrics = tiny_run
+    record = torch.load(out_dir / "last.pt", weights_only=True)
+    state = TrainingState.from_record(record, out_dir / "last.pt")
+    assert state.progress.epoch == metrics["epochs"] and state.progress.history == metrics["history"]
+    assert state.progress.best_val_accuracy == metrics["val_accuracy"] and state.world_size == 1
+    assert list(state.record()) == list(record)
+    del record["history"]
+    with pytest.raises(UserError, match="incomplete training state"):
+        TrainingState.from_record(record, out_dir / "last.pt")
 
 
 def test_ctrl_c_keeps_the_last_good_checkpoint(tmp_path):
@@ -228,6 +243,24 @@ def test_help_documents_every_option():
     assert result.returncode == 0
     for field in TrainConfig.__dataclass_fields__:
         assert "--" + field.replace("_", "-") in result.stdout, field
+
+
+def test_the_parser_is_built_from_the_config():
+    """Defaults, conversions and the run-defining set all come from TrainConfig's fields."""
+    from training.__main__ import parser
+    from training.config import RUN_DEFINING
+
+    options = vars(parser().parse_args([]))
+    assert options.pop("summary") is False
+    assert TrainConfig.from_options(options) == TrainConfig()
+    options = vars(parser().parse_args(["--model-args", '{"base_width": 8}', "--freeze", "features.0,,fc",
+                                        "--no-nesterov", "--epochs", "3", "--init-from", "w.pt"]))
+    options.pop("summary")
+    config = TrainConfig.from_options(options)
+    assert config.model_args == {"base_width": 8} and config.freeze == ("features.0", "fc")
+    assert not config.nesterov and config.epochs == 3 and config.init_from == Path("w.pt")
+    assert {"dataset", "model", "lr", "seed", "train_limit"} <= set(RUN_DEFINING)
+    assert not {"name", "device", "workers", "resume", "patience", "artifacts_dir"} & set(RUN_DEFINING)
 
 
 def test_compiled_training_saves_the_bare_model(tmp_path):

@@ -20,7 +20,8 @@ from PIL import Image
 from served import png
 
 from export.checkpoint import load_trained
-from export.run import ExportConfig, export, load_run_data
+from export.data import load_run_data
+from export.run import ExportConfig, export
 from handlers.archive import HandlerSettings
 from handlers.pipeline import classify_batch, load_classifier
 from training import data as datasets
