@@ -82,10 +82,10 @@ class ImageClassifierHandler:
                 responses[index] = result
         for index in range(len(data)):
             if responses[index] is None:
-                responses[index] = self.infer(data[index], context, index)
+                responses[index] = self.answer_oip_request(data[index], context, index)
         return responses
 
-    def infer(self, row: dict, context, index: int) -> bytes:
+    def answer_oip_request(self, row: dict, context, index: int) -> bytes:
         """One Open Inference Protocol request -> its answer (JSON, or JSON + binary data)."""
         headers = {key.lower(): value for key, value in context.get_all_request_header(index).items()}
         body = row.get("body", row.get("data"))
@@ -93,9 +93,9 @@ class ImageClassifierHandler:
         try:
             if not isinstance(body, (bytes, bytearray, dict)):
                 raise ClientError("the body is not an inference request: send JSON (with Content-Type "
-                                     "application/json or none), or JSON followed by binary tensor data")
+                                  "application/json or none), or JSON followed by binary tensor data")
             request = oip.decode_rest_request(body if isinstance(body, dict) else bytes(body),
-                                         headers.get(oip.JSON_LENGTH_HEADER))
+                                              headers.get(oip.JSON_LENGTH_HEADER))
             requested = None if request.outputs is None else [name for name, _ in request.outputs]
             outputs = contract.infer_tensors(request.inputs, requested, self.classifier)
             answer, json_length = oip.encode_rest_response(context.model_name, version, request, outputs)
