@@ -1,5 +1,9 @@
-"""Image bytes -> the model's input tensor: decode, orient, convert, resize, scale, normalize.
+"""Image bytes -> uint8 pixels at the model's size (decode, orient, convert, resize), and `normalize`.
 
+`open_image` + `to_pixels` take any image Pillow reads; `png_pixels_at_size` is the fast path for a
+plain PNG already at the model's size, with exactly their pixels. `normalize` is training's float32
+arithmetic; the served path looks its values up in a table `normalize` computes (handlers/pipeline.py).
+A refused image raises handlers.errors.ClientError with its HTTP status (400, or 413 when too large).
 Plain Pillow and NumPy, no TorchServe: the same functions run inside a .mar, in unit tests and
 in training's `folder:` loader, so serving sees exactly the pixels training saw.
 """

@@ -10,8 +10,9 @@ listening address instead of all interfaces, the platform in the model metadata,
 binary BYTES data decoded by the kit's codec, the protocol's 400 for a body FastAPI cannot parse,
 gRPC outputs handed over as bytes, and --workers processes that load the archives themselves.
 
-Two of these changes re-implement KServe's own methods (ModelServer.start, GRPCServer.start) and
-reach into its private members, which another release may rename or drop. So this module is written
+Some of these changes re-implement KServe's own methods (ModelServer.start, GRPCServer.start) or
+override its private hooks (RESTServer._add_middlewares, _add_exception_handlers), and reach into its
+private members, which another release may rename or drop. So this module is written
 against one kserve release, KSERVE_VERSION (requirements.txt pins the same): every method that
 touches KServe's private API is marked @kserve_private_api and checks the installed version first,
 and `main` checks it before anything else, so another release is one clear line at start.
@@ -202,6 +203,8 @@ class KitModelServer(model_server.ModelServer):
         self.register_signal_handler()
         asyncio.run(self._serve())
 
+
+# ---------------------------------------------------------------------------- the command line
 
 def check_free(host: str, port: int) -> None:
     """One clear line for a port in use (uvicorn would print a traceback, gRPC share the port)."""
