@@ -1,5 +1,9 @@
-"""Image bytes -> the model's input tensor: decode, orient, convert, resize, scale, normalize.
+"""Image bytes -> uint8 pixels at the model's size (decode, orient, convert, resize), and `normalize`.
 
+`open_image` + `to_pixels` take any image Pillow reads; `png_pixels_at_size` is the fast path for a
+plain PNG already at the model's size, with exactly their pixels. `normalize` is training's float32
+arithmetic; the served path looks its values up in a table `normalize` computes (handlers/pipeline.py).
+A refused image raises handlers.errors.ClientError with its HTTP status (400, or 413 when too large).
 Plain Pillow and NumPy, no TorchServe: the same functions run inside a .mar, in unit tests and
 in training's `folder:` loader, so serving sees exactly the pixels training saw.
 """
@@ -13,14 +17,7 @@ import zlib
 import numpy as np
 from PIL import ExifTags, Image
 
-
-class BadImage(ValueError):
-    """Input that is not an image this model can take. `status` is the HTTP code to answer."""
-
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
-
+from handlers.errors import ClientError
 
 # Images much larger than the model's input are decoded (JPEG: in the DCT, at 1/2, 1/4 or 1/8 scale)
 # or reduced (every other format: box averages, right after decoding) to no less than this many
@@ -39,29 +36,29 @@ def open_image(data: bytes, max_pixels: int, size: tuple[int, int] | None = None
     With `size` (the model's width, height) a large JPEG is decoded at reduced scale (see KEEP_FACTOR).
     """
     if not data:
-        raise BadImage("empty request body: send the image bytes")
+        raise ClientError("empty request body: send the image bytes")
     try:
         image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError:  # Pillow's own guard, far above any sane max_pixels
-        raise BadImage(f"image exceeds the limit of {max_pixels} pixels", status=413) from None
+        raise ClientError(f"image exceeds the limit of {max_pixels} pixels", status=413) from None
     except Exception as error:  # Pillow raises many types for foreign bytes
-        raise BadImage(f"not an image Pillow can read ({type(error).__name__})") from None
+        raise ClientError(f"not an image Pillow can read ({type(error).__name__})") from None
     width, height = image.size
     if width == 0 or height == 0:
-        raise BadImage(f"zero-sized image ({width}x{height})")
+        raise ClientError(f"zero-sized image ({width}x{height})")
     if width * height > max_pixels:
-        raise BadImage(
+        raise ClientError(
             f"image of {width}x{height} pixels exceeds the limit of {max_pixels} pixels", status=413
         )
     if image.format == "WEBP" and width * height > max_pixels // WEBP_SHARE:
-        raise BadImage(f"WebP image of {width}x{height} pixels exceeds the limit for WebP of "
+        raise ClientError(f"WebP image of {width}x{height} pixels exceeds the limit for WebP of "
                        f"{max_pixels // WEBP_SHARE} pixels (it decodes at full size, in several copies)", status=413)
     try:
         if size is not None and image.format == "JPEG":
             image.draft(image.mode, (size[0] * KEEP_FACTOR, size[1] * KEEP_FACTOR))
         image.load()
     except Exception as error:
-        raise BadImage(f"truncated or corrupt image data ({error})") from None
+        raise ClientError(f"truncated or corrupt image data ({error})") from None
     return image
 
 

@@ -12,10 +12,12 @@ KServe's ModelServer, REST and gRPC):
            label          BYTES [N]             the most probable class's name
 
 One input per request (either one); the requested outputs, else both. `model_input` and
-`model_outputs` apply this contract to tensors any server decoded. `decode_request` and
-`encode_response` are the protocol's REST codec — a JSON body, or JSON followed by binary tensor data
-(the binary tensor extension, tritonclient's default, with the JSON's length in the
-Inference-Header-Content-Length header) — for TorchServe, which hands the handler the raw body.
+`model_outputs` are this contract on decoded tensors; handlers/contract.py runs the model between
+them, for both engines. `decode_rest_request` and `encode_rest_response` are the protocol's REST codec
+— a JSON body, or JSON followed by binary tensor data (the binary tensor extension, tritonclient's
+default, with the JSON's length in the Inference-Header-Content-Length header) — for TorchServe, which
+hands the handler the raw body, and for KServe's REST requests with binary data. A request the
+protocol or the contract refuses raises handlers.errors.ClientError with its HTTP status.
 
 Plain NumPy and the standard library: this module is copied into every .mar.
 """
@@ -31,6 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from handlers.errors import ClientError
 from handlers.spec import Spec
 
 IMAGE, INPUT, PROBABILITIES, LABEL = "image", "input", "probabilities", "label"
@@ -40,14 +43,6 @@ MAX_IMAGES = 256  # per request: a bound on the memory one request can take
 JSON_LENGTH_HEADER = "inference-header-content-length"  # HTTP header names are case-insensitive
 NUMPY_TYPES = {"BOOL": "?", "UINT8": "<u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8", "INT8": "<i1",
                "INT16": "<i2", "INT32": "<i4", "INT64": "<i8", "FP16": "<f2", "FP32": "<f4", "FP64": "<f8"}
-
-
-class BadRequest(ValueError):
-    """A request the protocol or the model's contract refuses. `status` is the HTTP code to answer."""
-
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass(frozen=True)
@@ -91,26 +86,26 @@ def model_input(inputs: list[Tensor], spec: Spec) -> list[bytes] | np.ndarray:
     """The request's one input -> encoded images (list of bytes) or a normalized float32 (N, C, H, W) batch."""
     expected = "`image` (BYTES [N]: encoded images) or `input` (FP32 [N, C, H, W]: normalized tensors)"
     if len(inputs) != 1:
-        raise BadRequest(f"send exactly one input, {expected}; got {len(inputs)}")
+        raise ClientError(f"send exactly one input, {expected}; got {len(inputs)}")
     tensor = inputs[0]
     if tensor.name == IMAGE:
         return images_of(tensor)
     if tensor.name == INPUT:
         return batch_of(tensor, spec)
-    raise BadRequest(f"unknown input {tensor.name!r}: send {expected}")
+    raise ClientError(f"unknown input {tensor.name!r}: send {expected}")
 
 
 def check_batch(tensor: Tensor, datatype: str, shape: str) -> int:
     """The datatype, the rank of `shape` (as written in messages: "[N, C, H, W]") and the batch size."""
     if tensor.datatype != datatype:
-        raise BadRequest(f"input {tensor.name!r} must be {datatype}, not {tensor.datatype}")
+        raise ClientError(f"input {tensor.name!r} must be {datatype}, not {tensor.datatype}")
     dims = tensor.data.shape
     if len(dims) != len(shape.split(",")):
-        raise BadRequest(f"input {tensor.name!r} must have shape {shape}, not {list(dims)}")
+        raise ClientError(f"input {tensor.name!r} must have shape {shape}, not {list(dims)}")
     if dims[0] == 0:
-        raise BadRequest(f"input {tensor.name!r} holds no image: send at least one")
+        raise ClientError(f"input {tensor.name!r} holds no image: send at least one")
     if dims[0] > MAX_IMAGES:
-        raise BadRequest(f"input {tensor.name!r} holds {dims[0]} images; at most {MAX_IMAGES} per request", 413)
+        raise ClientError(f"input {tensor.name!r} holds {dims[0]} images; at most {MAX_IMAGES} per request", 413)
     return dims[0]
 
 
@@ -122,10 +117,10 @@ def images_of(tensor: Tensor) -> list[bytes]:
             try:
                 element = base64.b64decode(element, validate=True)
             except (binascii.Error, ValueError):
-                raise BadRequest(f"image {position} is text but not base64: over JSON, send each image "
+                raise ClientError(f"image {position} is text but not base64: over JSON, send each image "
                                  "base64-encoded") from None
         if not isinstance(element, (bytes, bytearray)):
-            raise BadRequest(f"image {position} is {type(element).__name__}, not bytes")
+            raise ClientError(f"image {position} is {type(element).__name__}, not bytes")
         images.append(bytes(element))
     return images
 
@@ -134,11 +129,11 @@ def batch_of(tensor: Tensor, spec: Spec) -> np.ndarray:
     expected = spec.input.size
     check_batch(tensor, "FP32", "[N, C, H, W]")
     if tensor.data.shape[1:] != expected:
-        raise BadRequest(f"input {tensor.name!r} must have shape [N, {', '.join(map(str, expected))}], "
+        raise ClientError(f"input {tensor.name!r} must have shape [N, {', '.join(map(str, expected))}], "
                          f"not {list(tensor.data.shape)}")
     batch = np.ascontiguousarray(tensor.data, dtype=np.float32)
     if not np.isfinite(batch).all():
-        raise BadRequest(f"input {tensor.name!r} holds NaN or infinite values")
+        raise ClientError(f"input {tensor.name!r} holds NaN or infinite values")
     return batch
 
 
@@ -147,9 +142,9 @@ def model_outputs(probabilities: np.ndarray, class_names: list[str], requested: 
     names = list(OUTPUTS) if requested is None else requested
     for name in names:
         if name not in OUTPUTS:
-            raise BadRequest(f"unknown output {name!r}: this model has {' and '.join(OUTPUTS)}")
+            raise ClientError(f"unknown output {name!r}: this model has {' and '.join(OUTPUTS)}")
     if len(set(names)) != len(names):
-        raise BadRequest(f"output requested twice: {names}")
+        raise ClientError(f"output requested twice: {names}")
     tensors = {
         # The protocol's metadata has no place for class names; an output's parameters do.
         PROBABILITIES: lambda: Tensor(PROBABILITIES, "FP32", probabilities.astype(np.float32),
@@ -162,9 +157,9 @@ def model_outputs(probabilities: np.ndarray, class_names: list[str], requested: 
 
 # ---------------------------------------------------------------------------- the REST codec
 
-def decode_request(body: bytes | dict, json_length: str | None) -> Request:
+def decode_rest_request(body: bytes | dict, json_length: str | None) -> Request:
     """An inference request's HTTP body (already parsed JSON, or bytes) and its
-    Inference-Header-Content-Length header -> Request. Any malformed part raises BadRequest."""
+    Inference-Header-Content-Length header -> Request. Any malformed part raises ClientError."""
     if isinstance(body, dict):
         header, binary = body, b""
     else:
@@ -174,33 +169,33 @@ def decode_request(body: bytes | dict, json_length: str | None) -> Request:
             try:
                 length = int(json_length)
             except ValueError:
-                raise BadRequest(f"Inference-Header-Content-Length is not a number: {json_length!r}") from None
+                raise ClientError(f"Inference-Header-Content-Length is not a number: {json_length!r}") from None
             if not 0 < length <= len(body):
-                raise BadRequest(f"Inference-Header-Content-Length {length} does not fit a body of {len(body)} bytes")
+                raise ClientError(f"Inference-Header-Content-Length {length} does not fit a body of {len(body)} bytes")
             header_bytes, binary = body[:length], body[length:]
         try:
             header = json.loads(header_bytes)
         except (UnicodeDecodeError, ValueError):
-            raise BadRequest("the body is not an inference request: JSON (followed by binary tensor data when "
+            raise ClientError("the body is not an inference request: JSON (followed by binary tensor data when "
                              "Inference-Header-Content-Length is set)") from None
     if not isinstance(header, dict) or not isinstance(header.get("inputs"), list):
-        raise BadRequest('an inference request is a JSON object with "inputs": [...]')
+        raise ClientError('an inference request is a JSON object with "inputs": [...]')
     parameters = mapping(header.get("parameters"), "request parameters")
     offset, inputs = 0, []
     for entry in header["inputs"]:
         tensor, offset = decode_input(entry, binary, offset)
         inputs.append(tensor)
     if offset != len(binary):
-        raise BadRequest(f"{len(binary) - offset} bytes of binary data follow the inputs' binary_data_size")
+        raise ClientError(f"{len(binary) - offset} bytes of binary data follow the inputs' binary_data_size")
     default = bool(parameters.get("binary_data_output", False))
     outputs = None
     if header.get("outputs") is not None:
         if not isinstance(header["outputs"], list):
-            raise BadRequest('"outputs" must be a list of {"name": ...}')
+            raise ClientError('"outputs" must be a list of {"name": ...}')
         outputs = []
         for entry in header["outputs"]:
             if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
-                raise BadRequest('each requested output must be {"name": ..., "parameters": {...}}')
+                raise ClientError('each requested output must be {"name": ..., "parameters": {...}}')
             binary = mapping(entry.get("parameters"), f"output {entry['name']!r} parameters").get("binary_data")
             outputs.append((entry["name"], default if binary is None else bool(binary)))
     request_id = header.get("id")
@@ -211,41 +206,41 @@ def mapping(value, what: str) -> dict:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise BadRequest(f"{what} must be a JSON object")
+        raise ClientError(f"{what} must be a JSON object")
     return value
 
 
 def decode_input(entry, binary: bytes, offset: int) -> tuple[Tensor, int]:
     """One entry of "inputs" -> (Tensor, offset of the next input's binary data)."""
     if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
-        raise BadRequest('each input must be {"name", "datatype", "shape", "data"}')
+        raise ClientError('each input must be {"name", "datatype", "shape", "data"}')
     name, datatype, shape = entry["name"], entry.get("datatype"), entry.get("shape")
     if datatype != "BYTES" and datatype not in NUMPY_TYPES:
-        raise BadRequest(f"input {name!r}: unknown datatype {datatype!r}")
+        raise ClientError(f"input {name!r}: unknown datatype {datatype!r}")
     if (not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
                                                for d in shape)):
-        raise BadRequest(f"input {name!r}: shape must be a list of non-negative integers, not {shape!r}")
+        raise ClientError(f"input {name!r}: shape must be a list of non-negative integers, not {shape!r}")
     count = math.prod(shape)
     parameters = mapping(entry.get("parameters"), f"input {name!r} parameters")
     size = parameters.get("binary_data_size")
     if size is not None:
         if not isinstance(size, int) or not 0 <= size <= len(binary) - offset:
-            raise BadRequest(f"input {name!r}: binary_data_size {size!r} exceeds the binary data sent")
+            raise ClientError(f"input {name!r}: binary_data_size {size!r} exceeds the binary data sent")
         chunk, offset = binary[offset:offset + size], offset + size
         elements = bytes_elements(chunk, name) if datatype == "BYTES" else numbers_from_binary(chunk, datatype, name)
     elif "data" in entry:
         elements = json_elements(entry["data"], datatype, name)
     else:
-        raise BadRequest(f'input {name!r} has neither "data" nor a binary_data_size parameter')
+        raise ClientError(f'input {name!r} has neither "data" nor a binary_data_size parameter')
     if len(elements) != count:
-        raise BadRequest(f"input {name!r}: shape {shape} holds {count} elements, the data {len(elements)}")
+        raise ClientError(f"input {name!r}: shape {shape} holds {count} elements, the data {len(elements)}")
     return Tensor(name, datatype, elements.reshape(shape)), offset
 
 
 def numbers_from_binary(chunk: bytes, datatype: str, name: str) -> np.ndarray:
     dtype = np.dtype(NUMPY_TYPES[datatype])
     if len(chunk) % dtype.itemsize:
-        raise BadRequest(f"input {name!r}: {len(chunk)} bytes are not a whole number of {datatype} elements")
+        raise ClientError(f"input {name!r}: {len(chunk)} bytes are not a whole number of {datatype} elements")
     return np.frombuffer(chunk, dtype=dtype)
 
 
@@ -254,11 +249,11 @@ def bytes_elements(chunk: bytes, name: str) -> np.ndarray:
     elements, position = [], 0
     while position < len(chunk):
         if position + 4 > len(chunk):
-            raise BadRequest(f"input {name!r}: BYTES data ends inside an element's length")
+            raise ClientError(f"input {name!r}: BYTES data ends inside an element's length")
         (length,) = struct.unpack_from("<I", chunk, position)
         position += 4
         if position + length > len(chunk):
-            raise BadRequest(f"input {name!r}: a BYTES element of {length} bytes runs past the data sent")
+            raise ClientError(f"input {name!r}: a BYTES element of {length} bytes runs past the data sent")
         elements.append(chunk[position:position + length])
         position += length
     array = np.empty(len(elements), dtype=object)
@@ -271,7 +266,7 @@ def json_elements(data, datatype: str, name: str) -> np.ndarray:
     if datatype == "BYTES":
         flat = list(flatten(data))
         if not all(isinstance(element, str) for element in flat):
-            raise BadRequest(f"input {name!r}: BYTES data in JSON must be strings")
+            raise ClientError(f"input {name!r}: BYTES data in JSON must be strings")
         array = np.empty(len(flat), dtype=object)
         array[:] = flat
         return array
@@ -281,7 +276,7 @@ def json_elements(data, datatype: str, name: str) -> np.ndarray:
             raise ValueError
         return np.asarray(flat, dtype=NUMPY_TYPES[datatype])
     except (TypeError, ValueError, OverflowError):
-        raise BadRequest(f"input {name!r}: data must be {datatype} numbers") from None
+        raise ClientError(f"input {name!r}: data must be {datatype} numbers") from None
 
 
 def flatten(data):
@@ -292,7 +287,7 @@ def flatten(data):
         yield data
 
 
-def encode_response(model_name: str, model_version: str, request: Request,
+def encode_rest_response(model_name: str, model_version: str, request: Request,
                     outputs: list[Tensor]) -> tuple[bytes, int | None]:
     """Outputs -> (HTTP body, JSON length for Inference-Header-Content-Length, or None for plain JSON).
     Each output goes as binary data when the request asked for it so."""

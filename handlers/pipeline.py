@@ -1,14 +1,16 @@
-"""The serving pipeline as plain functions: decode -> preprocess -> infer -> results.
+"""A served classifier and its steps, as plain functions: load the model once, then image bytes ->
+uint8 pixels at the model's size -> a normalized float32 batch -> probabilities -> answers.
 
-Nothing here knows TorchServe; `handlers/torchserve_handler.py` adapts it, and `handlers/kserve_model.py`
-(KServe's ModelServer) too. A `Classifier` is built once per worker from the model directory (spec.json +
-the serialized model + the archive's settings).
+`load_classifier` builds a `Classifier` once per worker (TorchServe) or process (KServe) from a model
+directory: spec.json, the serialized model and the archive's `handler:` settings. Images become pixels
+through the PNG fast path when they are plain PNGs at the model's size, else through Pillow
+(handlers/image.py); a batch is normalized by one table lookup per pixel. What a request makes of
+these steps, on every engine, is the inference contract (handlers/contract.py); nothing here knows
+an engine or a protocol.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import functools
 import json
 import os
@@ -20,17 +22,16 @@ from typing import Any
 import numpy as np
 
 from handlers.archive import HandlerSettings
-from handlers.image import BadImage, normalize, open_image, png_pixels_at_size, to_pixels
+from handlers.errors import ClientError
+from handlers.image import normalize, open_image, png_pixels_at_size, to_pixels
 from handlers.spec import Spec
-
-IMAGE_FIELDS = ("data", "body", "file", "image")  # request fields that may carry the image
 
 
 @dataclass(frozen=True)
 class Classifier:
+    """A loaded model: its spec (classes, input size, normalization), the pixel limit and the forward pass."""
+
     spec: Spec
-    mean: np.ndarray  # float32 (C,)
-    std: np.ndarray
     max_pixels: int
     infer: Callable[[np.ndarray], np.ndarray]  # float32 (N, C, H, W) -> logits (N, classes)
     device: str
@@ -82,33 +83,10 @@ def load_classifier(model_dir: Path, settings: HandlerSettings, workers: int, gp
     threads = threads_per_worker(workers, settings.threads)
     make_backend = onnxruntime_backend if settings.backend == "onnxruntime" else torchscript_backend
     infer, device = make_backend(model_dir / settings.model_file, threads, gpu_id)
-    return Classifier(spec, np.asarray(spec.mean, dtype=np.float32), np.asarray(spec.std, dtype=np.float32),
-                      settings.max_pixels, infer, device)
+    return Classifier(spec, settings.max_pixels, infer, device)
 
 
-# ---------------------------------------------------------------------------- the four steps
-
-def decode_request(request: dict) -> bytes:
-    """A TorchServe request row -> image bytes: raw body, multipart field, or JSON {"data": base64}."""
-    payload = next((request[k] for k in IMAGE_FIELDS if request.get(k) is not None), None)
-    if payload is None:  # a multipart upload under another field name
-        payload = next((v for v in request.values() if isinstance(v, (bytes, bytearray))), None)
-    if isinstance(payload, dict):  # TorchServe parsed an application/json body
-        encoded = payload.get("data")
-        if not isinstance(encoded, str):
-            raise BadImage('JSON body must be {"data": "<base64-encoded image>"}')
-        try:
-            return base64.b64decode(encoded, validate=True)
-        except (binascii.Error, ValueError):
-            raise BadImage('"data" is not valid base64') from None
-    if isinstance(payload, (bytes, bytearray)):
-        return bytes(payload)
-    if isinstance(payload, str):  # a text/* content type: not an image
-        raise BadImage("body is text, not an image: send the image bytes (curl -T img.png)")
-    if payload is None:
-        raise BadImage("empty request body: send the image bytes")
-    raise BadImage('JSON body must be {"data": "<base64-encoded image>"}')
-
+# ---------------------------------------------------------------------------- the steps
 
 def image_pixels(image_bytes: bytes, classifier: Classifier) -> np.ndarray:
     """Image bytes -> uint8 (C, H, W) at the model's size: the PNG fast path, else the general one."""
@@ -121,21 +99,36 @@ def image_pixels(image_bytes: bytes, classifier: Classifier) -> np.ndarray:
     image = open_image(image_bytes, classifier.max_pixels, (width, height))
     try:
         return to_pixels(image, channels, height, width, shape.background)
-    except (BadImage, MemoryError):
+    except (ClientError, MemoryError):
         raise
     except Exception as error:  # e.g. malformed EXIF that Pillow parses only now
-        raise BadImage(f"corrupt image data ({type(error).__name__}: {error})"[:300]) from None
+        raise ClientError(f"corrupt image data ({type(error).__name__}: {error})"[:300]) from None
 
 
-def preprocess(image_bytes: bytes, classifier: Classifier) -> np.ndarray:
-    """Image bytes -> float32 (C, H, W), normalized as in training."""
-    return normalize(image_pixels(image_bytes, classifier), classifier.mean, classifier.std)
+@functools.lru_cache(maxsize=8)
+def normalization_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """float32 (channels, 256): `normalize` of every uint8 value in every channel, computed by `normalize`
+    itself, so looking pixels up in it gives exactly its values (in one operation instead of four)."""
+    values = np.broadcast_to(np.arange(256, dtype=np.uint8), (len(mean), 1, 256))
+    return np.ascontiguousarray(normalize(values, np.float32(mean), np.float32(std))[:, 0, :])
+
+
+def normalized_batch(pixels: list[np.ndarray], classifier: Classifier) -> np.ndarray:
+    """uint8 (C, H, W) images at the model's size -> float32 (N, C, H, W), normalized as in training: one
+    lookup per pixel in `normalization_table` (the same float32 operations as `normalize`, so the same values)."""
+    table = normalization_table(classifier.spec.mean, classifier.spec.std)
+    return table[np.arange(len(table)).reshape(1, -1, 1, 1), np.stack(pixels)]
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise softmax in float64, shifted by the row maximum so no exp overflows."""
     exponentials = np.exp(logits.astype(np.float64) - logits.max(axis=1, keepdims=True))
     return exponentials / exponentials.sum(axis=1, keepdims=True)
+
+
+def probabilities_of_pixels(pixels: list[np.ndarray], classifier: Classifier) -> np.ndarray:
+    """uint8 (C, H, W) images at the model's size -> probabilities float64 (N, classes), in one forward pass."""
+    return softmax(classifier.infer(normalized_batch(pixels, classifier)))
 
 
 def results(probabilities: np.ndarray, class_names: list[str]) -> list[dict]:
@@ -164,68 +157,3 @@ def results_json(probabilities: np.ndarray, class_names: list[str]) -> list[str]
     template, labels = json_template(tuple(class_names))
     return [template % (labels[index], index, *row)
             for row, index in zip(probabilities.tolist(), probabilities.argmax(axis=1).tolist())]
-
-
-@functools.lru_cache(maxsize=8)
-def normalization_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
-    """float32 (channels, 256): `normalize` of every uint8 value in every channel, computed by `normalize`
-    itself, so looking pixels up in it gives exactly its values (in one operation instead of four)."""
-    values = np.broadcast_to(np.arange(256, dtype=np.uint8), (len(mean), 1, 256))
-    return np.ascontiguousarray(normalize(values, np.float32(mean), np.float32(std))[:, 0, :])
-
-
-def probabilities_of_batch(requests: list[dict], classifier: Classifier) -> tuple[list[int | BadImage], np.ndarray]:
-    """One forward pass for the good images of a batch: (per request, the row of its probabilities or
-    its BadImage; the probabilities, float64 (good images, classes)). Pixels are normalized as one
-    batch (the same float32 operations as one image at a time, so the same values)."""
-    pixels: list[np.ndarray] = []
-    outcome: list[int | BadImage] = []
-    for request in requests:
-        try:
-            pixels.append(image_pixels(decode_request(request), classifier))
-            outcome.append(len(pixels) - 1)
-        except BadImage as error:
-            outcome.append(error)
-    if not pixels:
-        return outcome, np.empty((0, classifier.spec.num_classes))
-    return outcome, probabilities_of_pixels(pixels, classifier)
-
-
-def probabilities_of_pixels(pixels: list[np.ndarray], classifier: Classifier) -> np.ndarray:
-    """uint8 (C, H, W) images at the model's size -> probabilities float64 (N, classes), normalized as
-    one batch (the same float32 operations as one image at a time, so the same values)."""
-    table = normalization_table(tuple(classifier.mean.tolist()), tuple(classifier.std.tolist()))
-    batch = table[np.arange(len(table)).reshape(1, -1, 1, 1), np.stack(pixels)]  # one lookup per pixel
-    return probabilities_of_inputs(batch, classifier)
-
-
-def probabilities_of_inputs(batch: np.ndarray, classifier: Classifier) -> np.ndarray:
-    """Normalized float32 (N, C, H, W), as `preprocess` makes them -> probabilities float64 (N, classes)."""
-    return softmax(classifier.infer(batch))
-
-
-def probabilities_of_images(images: list[bytes], classifier: Classifier) -> np.ndarray:
-    """N encoded images of one request (the Open Inference Protocol's `image` input) -> probabilities
-    float64 (N, classes) in one forward pass. The request succeeds or fails as a whole: a bad image
-    raises BadImage naming its position."""
-    pixels = []
-    for position, image in enumerate(images):
-        try:
-            pixels.append(image_pixels(image, classifier))
-        except BadImage as error:
-            raise BadImage(f"image {position}: {error}", error.status) from None
-    return probabilities_of_pixels(pixels, classifier)
-
-
-def classify_batch(requests: list[dict], classifier: Classifier) -> list[dict | BadImage]:
-    """One forward pass for the good images of a batch; a bad image fails only its own entry."""
-    outcome, probabilities = probabilities_of_batch(requests, classifier)
-    answers = results(probabilities, classifier.spec.class_names)
-    return [entry if isinstance(entry, BadImage) else answers[entry] for entry in outcome]
-
-
-def classify_batch_json(requests: list[dict], classifier: Classifier) -> list[str | BadImage]:
-    """`classify_batch` with each answer already JSON text (what the TorchServe handler returns)."""
-    outcome, probabilities = probabilities_of_batch(requests, classifier)
-    answers = results_json(probabilities, classifier.spec.class_names)
-    return [entry if isinstance(entry, BadImage) else answers[entry] for entry in outcome]

@@ -1,11 +1,13 @@
-"""TorchServe entry point: a thin adapter over handlers.pipeline.
+"""TorchServe entry point: the adapter between TorchServe's requests and the inference contract.
 
 The archive holds this file (as the handler), the `handlers/` package, spec.json, the
 serialized model and model-config.yaml, whose `handler:` section names the backend
 explicitly (onnxruntime or torchscript). A bad image in a batch gets its own 4xx with a JSON
 message; the other requests of the batch get their predictions; the worker keeps running.
 `GET /models/<name>?customized=true` on the management API answers with the model's metadata
-(`describe`: the spec and the pixel limit), which the demo page uses to show what the model sees.
+(`contract.classifier_metadata`: the spec and the pixel limit), which the demo page uses to show what the
+model sees. Everything a request makes of the model is handlers/contract.py's; this module reads
+TorchServe's rows and headers and sets its response statuses, types and headers.
 
 `POST /v2/models/<name>/infer` (the Open Inference Protocol, see handlers/oip.py) reaches this handler
 too, with its body untouched: TorchServe marks /predictions requests with a `url_path` header and
@@ -22,21 +24,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from handlers import oip
+from handlers import contract, oip
 from handlers.archive import HandlerSettings
-from handlers.image import BadImage
-from handlers.pipeline import (
-    Classifier,
-    classify_batch_json,
-    load_classifier,
-    probabilities_of_images,
-    probabilities_of_inputs,
-)
+from handlers.errors import ClientError
+from handlers.pipeline import Classifier, load_classifier
 
 log = logging.getLogger(__name__)
 PHRASES = {400: "Bad Request", 413: "Payload Too Large", 415: "Unsupported Media Type"}
 CONTENT_TYPE_SPELLINGS = ("Content-Type", "content-type", "Content-type")  # header names arrive as sent
-FORM_BODY = BadImage(
+FORM_BODY = ClientError(
     "no image could be read from a body sent as an HTML form (Content-Type: application/x-www-form-urlencoded, "
     "what curl --data-binary sends without -H): send the image bytes, e.g. curl -T image.png URL, or curl -H "
     "'Content-Type: image/png' --data-binary @image.png URL", status=415)
@@ -64,7 +60,7 @@ class ImageClassifierHandler:
 
     def handle(self, data: list[dict], context) -> list:
         if context.get_request_header(0, "describe") == "True":  # TorchServe sends describe jobs alone
-            return [describe(self.classifier)]
+            return [contract.classifier_metadata(self.classifier)]
         responses: list = [None] * len(data)
         predictions = [i for i in range(len(data)) if context.get_request_header(i, "url_path") is not None]
         forms = {i for i in predictions if sent_as_form(context, i)}
@@ -74,11 +70,11 @@ class ImageClassifierHandler:
         mangled = {i for i in forms if not isinstance(data[i].get("body"), (bytes, bytearray))}
         # Answers as JSON text: TorchServe would otherwise encode each dict with json.dumps(indent=2),
         # in pure Python, which cost more than the model (same content, without the indentation).
-        results = classify_batch_json([{} if i in mangled else data[i] for i in predictions], self.classifier)
+        results = contract.predictions_json([{} if i in mangled else data[i] for i in predictions], self.classifier)
         for index, result in zip(predictions, results):
-            if index in forms and isinstance(result, BadImage) and result.status == 400:
+            if index in forms and isinstance(result, ClientError) and result.status == 400:
                 result = FORM_BODY  # not an image: most likely curl --data-binary without -H; say what to send
-            if isinstance(result, BadImage):
+            if isinstance(result, ClientError):
                 context.set_response_status(result.status, PHRASES.get(result.status, "Bad Request"), index)
                 context.set_response_content_type(index, "application/json")
                 responses[index] = json.dumps({"code": result.status, "error": str(result)})
@@ -86,27 +82,24 @@ class ImageClassifierHandler:
                 responses[index] = result
         for index in range(len(data)):
             if responses[index] is None:
-                responses[index] = self.infer(data[index], context, index)
+                responses[index] = self.answer_oip_request(data[index], context, index)
         return responses
 
-    def infer(self, row: dict, context, index: int) -> bytes:
+    def answer_oip_request(self, row: dict, context, index: int) -> bytes:
         """One Open Inference Protocol request -> its answer (JSON, or JSON + binary data)."""
         headers = {key.lower(): value for key, value in context.get_all_request_header(index).items()}
         body = row.get("body", row.get("data"))
         version = context.manifest["model"]["modelVersion"]
         try:
             if not isinstance(body, (bytes, bytearray, dict)):
-                raise oip.BadRequest("the body is not an inference request: send JSON (with Content-Type "
-                                     "application/json or none), or JSON followed by binary tensor data")
-            request = oip.decode_request(body if isinstance(body, dict) else bytes(body),
-                                         headers.get(oip.JSON_LENGTH_HEADER))
-            inputs = oip.model_input(request.inputs, self.classifier.spec)
-            probabilities = (probabilities_of_images(inputs, self.classifier) if isinstance(inputs, list)
-                             else probabilities_of_inputs(inputs, self.classifier))
-            outputs = oip.model_outputs(probabilities, self.classifier.spec.class_names,
-                                        None if request.outputs is None else [name for name, _ in request.outputs])
-            answer, json_length = oip.encode_response(context.model_name, version, request, outputs)
-        except (BadImage, oip.BadRequest) as error:
+                raise ClientError("the body is not an inference request: send JSON (with Content-Type "
+                                  "application/json or none), or JSON followed by binary tensor data")
+            request = oip.decode_rest_request(body if isinstance(body, dict) else bytes(body),
+                                              headers.get(oip.JSON_LENGTH_HEADER))
+            requested = None if request.outputs is None else [name for name, _ in request.outputs]
+            outputs = contract.infer_tensors(request.inputs, requested, self.classifier)
+            answer, json_length = oip.encode_rest_response(context.model_name, version, request, outputs)
+        except ClientError as error:
             context.set_response_status(error.status, PHRASES.get(error.status, "Bad Request"), index)
             context.set_response_content_type(index, "application/json")
             answer = {"error": str(error)}
@@ -154,8 +147,3 @@ def sent_as_form(context, index: int) -> bool:
             return value.split(";")[0].strip().lower() == "application/x-www-form-urlencoded"
     return False
 
-
-def describe(classifier: Classifier) -> dict:
-    """The model's metadata for clients: class names, input shape and normalization (the spec)."""
-    return {"format": "image-classifier-metadata/1", "spec": classifier.spec.to_dict(),
-            "max_pixels": classifier.max_pixels}

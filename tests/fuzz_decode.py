@@ -1,4 +1,4 @@
-"""Coverage-guided fuzzing of decode -> preprocess with atheris (libFuzzer for Python).
+"""Coverage-guided fuzzing of image decoding and normalization with atheris (libFuzzer for Python).
 
 Starts from the seed images of tests/fuzzing.py and the inputs kept in tests/fuzz_corpus/, mutates
 them guided by coverage of the kit's and Pillow's Python code, and checks the property of

@@ -1,8 +1,8 @@
 """What the fuzzers share: the property every input must satisfy, seed images, and the corpus of
 inputs found earlier (tests/fuzz_corpus/, replayed by tests/unit/test_fuzz.py).
 
-The property, for any bytes: decode -> preprocess gives a uint8 (C, 28, 28) array and the
-normalized float32 tensor of the spec's shape, or a BadImage with a message and a 4xx status;
+The property, for any bytes: the served image steps give a uint8 (C, 28, 28) array and the
+normalized float32 tensor of the spec's shape, or a ClientError with a message and a 4xx status;
 never another exception. Used by the Hypothesis tests and by `make fuzz` (atheris, tests/fuzz_decode.py).
 """
 
@@ -15,8 +15,8 @@ from helpers import spec_for_tests
 from PIL import Image
 from served import encode
 
-from handlers.image import BadImage
-from handlers.pipeline import Classifier, image_pixels, preprocess
+from handlers.errors import ClientError
+from handlers.pipeline import Classifier, image_pixels, normalized_batch
 
 CORPUS = Path(__file__).resolve().parent / "fuzz_corpus"
 SHAPE = (28, 28)
@@ -24,8 +24,7 @@ SHAPE = (28, 28)
 
 def classifier(channels: int) -> Classifier:
     spec = spec_for_tests(("a", "b"), channels, SHAPE, 0.3, 0.35)
-    return Classifier(spec, np.float32([0.3] * channels), np.float32([0.35] * channels), 4_000_000,
-                      lambda batch: np.zeros((len(batch), 2), np.float32), "cpu")
+    return Classifier(spec, 4_000_000, lambda batch: np.zeros((len(batch), 2), np.float32), "cpu")
 
 
 CLASSIFIERS = (classifier(1), classifier(3))
@@ -37,11 +36,11 @@ def check(data: bytes) -> None:
         channels = model.spec.input.channels
         try:
             pixels = image_pixels(data, model)
-        except BadImage as error:
+        except ClientError as error:
             assert str(error) and 400 <= error.status < 500, (error, error.status)
             continue
         assert pixels.dtype == np.uint8 and pixels.shape == (channels, *SHAPE), (pixels.dtype, pixels.shape)
-        tensor = preprocess(data, model)
+        tensor = normalized_batch([pixels], model)[0]
         assert tensor.dtype == np.float32 and tensor.shape == (channels, *SHAPE) and np.isfinite(tensor).all()
 
 

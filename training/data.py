@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from handlers.image import BadImage, open_image, to_pixels
+from handlers.errors import ClientError
+from handlers.image import open_image, to_pixels
 from training.errors import UserError
 
 BUILTIN = ("fashion-mnist", "mnist", "mnist-5k", "cifar10")
@@ -253,7 +254,7 @@ class DecodeOrError(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         try:
             return index, self.images[index][0]
-        except (BadImage, OSError) as error:
+        except (ClientError, OSError) as error:
             return index, str(error)
 
 

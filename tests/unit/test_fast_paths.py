@@ -3,6 +3,7 @@ at the model's size and mode, batch normalization, and the JSON text of the answ
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 import zlib
@@ -13,13 +14,14 @@ from helpers import FASHION_MNIST, spec_for_tests
 from PIL import Image, PngImagePlugin
 from served import encode
 
-from handlers.image import BadImage, normalize, open_image, png_pixels_at_size, to_pixels
+from handlers.contract import predictions_json
+from handlers.errors import ClientError
+from handlers.image import normalize, open_image, png_pixels_at_size, to_pixels
 from handlers.pipeline import (
     Classifier,
-    classify_batch,
-    classify_batch_json,
     image_pixels,
-    preprocess,
+    normalized_batch,
+    probabilities_of_pixels,
     results,
     results_json,
 )
@@ -54,8 +56,12 @@ def spec_of(channels: int, class_names=("a", "b", "c")):
 
 def classifier(channels: int = 1, infer=None) -> Classifier:
     infer = infer or (lambda batch: batch.reshape(len(batch), -1)[:, :3].astype(np.float32))
-    return Classifier(spec_of(channels), np.float32([0.3] * channels), np.float32([0.35] * channels), LIMIT, infer,
-                      "cpu")
+    return Classifier(spec_of(channels), LIMIT, infer, "cpu")
+
+
+def served_tensor(image: bytes, model: Classifier) -> np.ndarray:
+    """float32 (C, H, W): what the served model is given for one image."""
+    return normalized_batch([image_pixels(image, model)], model)[0]
 
 
 def noise(mode: str, size=(28, 28), seed: int = 0) -> Image.Image:
@@ -71,13 +77,13 @@ def test_fast_path_gives_the_general_paths_pixels_for_real_test_images(tmp_path)
 
     test = data.load("fashion-mnist", tmp_path, 0.1, 0.1, 0, download=False).test.images[:300]
     model = classifier()
-    evaluated = training_normalize(test, per_channel(model.mean.tolist()), per_channel(model.std.tolist())).numpy()
+    evaluated = training_normalize(test, per_channel(list(model.spec.mean)), per_channel(list(model.spec.std))).numpy()
     for index, image in enumerate(test[:, 0].numpy()):
         png = encode(Image.fromarray(image, "L"))
         fast = png_pixels_at_size(png, 1, 28, 28)
         assert fast is not None, index  # the plain PNG a client sends takes the fast path
         assert fast.dtype == np.uint8 and np.array_equal(fast, general(png, 1)), index
-        assert np.array_equal(preprocess(png, model), evaluated[index]), index  # the tensor training evaluated
+        assert np.array_equal(served_tensor(png, model), evaluated[index]), index  # the tensor training evaluated
 
 
 @pytest.mark.parametrize("mode, channels", [("L", 1), ("RGB", 3)])
@@ -148,8 +154,8 @@ def test_fast_path_declines_what_it_does_not_handle_and_the_pipeline_answers_as_
     assert png_pixels_at_size(data, 1, 28, 28) is None
     try:
         expected = general(data, 1)
-    except BadImage as error:
-        with pytest.raises(BadImage) as caught:
+    except ClientError as error:
+        with pytest.raises(ClientError) as caught:
             image_pixels(data, classifier())
         assert (str(caught.value), caught.value.status) == (str(error), error.status)
     else:
@@ -174,13 +180,14 @@ def test_a_batch_is_normalized_exactly_as_one_image_at_a_time(mode, channels):
     pngs.append(encode(Image.fromarray(every_value if channels == 1 else np.dstack([every_value] * 3))))
     seen = []
     model = classifier(channels, infer=lambda batch: seen.append(batch.copy()) or np.zeros((len(batch), 3)))
-    model = Classifier(**{**model.__dict__, "mean": np.float32([0.1, 0.5, 0.9][:channels]),
-                          "std": np.float32([0.3, 0.25, 0.2][:channels])})
-    classify_batch([{"body": png} for png in pngs], model)
-    singles = np.stack([preprocess(png, model) for png in pngs])
+    model = dataclasses.replace(model, spec=dataclasses.replace(model.spec, mean=(0.1, 0.5, 0.9)[:channels],
+                                                                std=(0.3, 0.25, 0.2)[:channels]))
+    predictions_json([{"body": png} for png in pngs], model)
+    singles = np.stack([served_tensor(png, model) for png in pngs])
     assert seen[0].dtype == np.float32 and seen[0].shape == (10, channels, 28, 28)
     assert np.array_equal(seen[0], singles)
-    expected = normalize(np.stack([general(p, channels) for p in pngs]), model.mean, model.std)
+    expected = normalize(np.stack([general(p, channels) for p in pngs]), np.float32(model.spec.mean),
+                         np.float32(model.spec.std))
     assert np.array_equal(singles, expected) and np.array_equal(seen[0], expected)
 
 
@@ -201,9 +208,13 @@ def test_json_text_of_a_broken_models_nan_is_json_dumps_own():
     assert results_json(probabilities, ["a", "b", "c"]) == [json.dumps(results(probabilities, ["a", "b", "c"])[0])]
 
 
-def test_classify_batch_json_is_classify_batch_as_text():
+def test_predictions_json_are_the_results_of_the_good_images_as_text():
     rows = [{"body": encode(noise("L", seed=1))}, {"body": b"junk"}, {"body": encode(noise("RGB", (40, 30)))}]
     model = classifier()
-    as_dicts, as_text = classify_batch(rows, model), classify_batch_json(rows, model)
-    assert isinstance(as_text[1], BadImage) and str(as_text[1]) == str(as_dicts[1])
-    assert [json.loads(as_text[i]) for i in (0, 2)] == [as_dicts[i] for i in (0, 2)]
+    as_text = predictions_json(rows, model)
+    as_dicts = results(probabilities_of_pixels([image_pixels(rows[i]["body"], model) for i in (0, 2)], model),
+                       list(model.spec.class_names))
+    with pytest.raises(ClientError) as refused:
+        image_pixels(rows[1]["body"], model)
+    assert isinstance(as_text[1], ClientError) and str(as_text[1]) == str(refused.value)
+    assert [json.loads(as_text[i]) for i in (0, 2)] == as_dicts

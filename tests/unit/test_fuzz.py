@@ -1,5 +1,5 @@
-"""Property tests of decode -> preprocess (Hypothesis): arbitrary bytes and mutated valid PNG, JPEG,
-GIF, WebP, TIFF and BMP images give the right tensor or a BadImage with a 4xx, never another
+"""Property tests of image decoding and normalization (Hypothesis): arbitrary bytes and mutated valid PNG, JPEG,
+GIF, WebP, TIFF and BMP images give the right tensor or a ClientError with a 4xx, never another
 exception, each within a few seconds; and every input the coverage-guided fuzzer (`make fuzz`)
 kept in tests/fuzz_corpus/ still does."""
 

@@ -1,4 +1,4 @@
-"""handlers/: the pipeline's plain functions and the TorchServe adapter with a fake context."""
+"""handlers/: the pipeline's and the contract's plain functions, and the TorchServe adapter with a fake context."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from helpers import spec_for_tests
 from PIL import Image
 
 from handlers.archive import HandlerSettings
-from handlers.image import BadImage
-from handlers.pipeline import Classifier, classify_batch, decode_request, results, softmax, threads_per_worker
+from handlers.contract import image_bytes_of_row, predictions_json
+from handlers.errors import ClientError
+from handlers.pipeline import Classifier, results, softmax, threads_per_worker
 from handlers.torchserve_handler import ImageClassifierHandler
 
 CLASSES = ["zero", "one", "two"]
@@ -35,7 +36,7 @@ def mean_pixel_classifier() -> Classifier:
         mean = batch.reshape(len(batch), -1).mean(axis=1)
         return np.stack([-mean, np.zeros_like(mean), mean], axis=1).astype(np.float32)
 
-    return Classifier(spec, np.float32([0.5]), np.float32([0.25]), 10_000_000, infer, "cpu")
+    return Classifier(spec, 10_000_000, infer, "cpu")
 
 
 @pytest.mark.parametrize("request_row", [
@@ -45,8 +46,8 @@ def mean_pixel_classifier() -> Classifier:
     {"upload": bytearray(b"IMG")},  # multipart under another field name
     {"body": {"data": base64.b64encode(b"IMG").decode()}},
 ])
-def test_decode_request_accepts_raw_multipart_and_json(request_row):
-    assert decode_request(request_row) == b"IMG"
+def test_a_request_row_gives_its_image_from_raw_multipart_and_json(request_row):
+    assert image_bytes_of_row(request_row) == b"IMG"
 
 
 @pytest.mark.parametrize("request_row, message", [
@@ -56,9 +57,9 @@ def test_decode_request_accepts_raw_multipart_and_json(request_row):
     ({"body": "plain text"}, "text"),
     ({}, "empty"),
 ])
-def test_decode_request_rejects_malformed_requests(request_row, message):
-    with pytest.raises(BadImage, match=message):
-        decode_request(request_row)
+def test_a_malformed_request_row_is_refused(request_row, message):
+    with pytest.raises(ClientError, match=message):
+        image_bytes_of_row(request_row)
 
 
 def test_results_give_every_class_in_order_summing_to_one():
@@ -75,9 +76,10 @@ def test_one_forward_pass_per_batch_and_a_bad_image_fails_only_itself():
     classifier = mean_pixel_classifier()
     counting = Classifier(**{**classifier.__dict__, "infer": lambda b: calls.append(len(b)) or classifier.infer(b)})
     rows = [{"data": png(0)}, {"data": b"garbage"}, {"data": png(255)}, {"body": {"data": "%%"}}, {"data": png(250)}]
-    results = classify_batch(rows, counting)
+    results = predictions_json(rows, counting)
     assert calls == [3]  # the three good images, in one forward pass
-    assert [r["label"] if isinstance(r, dict) else r.status for r in results] == ["zero", 400, "two", 400, "two"]
+    assert [json.loads(r)["label"] if isinstance(r, str) else r.status for r in results] == [
+        "zero", 400, "two", 400, "two"]
 
 
 class FakeContext:

@@ -8,7 +8,8 @@ from helpers import FASHION_MNIST
 from PIL import Image
 from served import encode
 
-from handlers.image import BadImage, normalize, open_image, to_pixels
+from handlers.errors import ClientError
+from handlers.image import normalize, open_image, to_pixels
 
 LIMIT = 10_000_000
 
@@ -72,7 +73,7 @@ def test_transparency_is_composited_onto_the_spec_background():
     (encode(Image.new("RGB", (64, 64), (1, 2, 3)))[:-30], 400, "truncated or corrupt"),
 ])
 def test_bad_bytes_are_bad_images(payload, status, message):
-    with pytest.raises(BadImage, match=message) as caught:
+    with pytest.raises(ClientError, match=message) as caught:
         open_image(payload, LIMIT)
     assert caught.value.status == status
 
@@ -80,6 +81,6 @@ def test_bad_bytes_are_bad_images(payload, status, message):
 def test_decompression_bomb_is_refused_before_decoding():
     bomb = encode(Image.new("L", (20_000, 20_000), 0))  # 400 megapixels in a few hundred kilobytes
     assert len(bomb) < 1_000_000
-    with pytest.raises(BadImage, match="exceeds the limit") as caught:
+    with pytest.raises(ClientError, match="exceeds the limit") as caught:
         open_image(bomb, LIMIT)
     assert caught.value.status == 413

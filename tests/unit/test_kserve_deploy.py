@@ -125,7 +125,7 @@ def test_a_canary_rollout_is_a_valid_edit_of_either_manifest():
 
 def parsed_server_arguments(args: list[str]) -> argparse.Namespace:
     """The kit's KServe server's options for `args`, parsed in a fresh interpreter (it imports kserve)."""
-    code = ("import json, sys; from handlers.kserve_model import parser; "
+    code = ("import json, sys; from handlers.kserve_server import parser; "
             "print(json.dumps(vars(parser().parse_args(sys.argv[1:])), default=str))")
     result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr

@@ -15,7 +15,8 @@ from helpers import ROOT, spec_for_tests
 from PIL import Image
 from served import encode, photo
 
-from handlers.image import KEEP_FACTOR, WEBP_SHARE, BadImage, open_image, reduce_early, to_pixels
+from handlers.errors import ClientError
+from handlers.image import KEEP_FACTOR, WEBP_SHARE, open_image, reduce_early, to_pixels
 from handlers.pipeline import Classifier, image_pixels
 
 LIMIT = 24_000_000
@@ -34,7 +35,7 @@ def full_size_pixels(data: bytes, channels: int) -> np.ndarray:
 
 def classifier(channels: int) -> Classifier:
     spec = spec_for_tests(["a"], channels)
-    return Classifier(spec, np.float32([0.5] * channels), np.float32([0.25] * channels), LIMIT, None, "cpu")
+    return Classifier(spec, LIMIT, None, "cpu")
 
 
 @pytest.mark.parametrize("mode", ["RGBA", "LA"])
@@ -79,7 +80,7 @@ def test_tiff_orientation_survives_the_reduction():
 def test_webp_has_its_own_share_of_the_pixel_limit():
     data = encode(photo(1000, 1000), "WEBP", quality=50)  # 1 megapixel
     assert image_pixels(data, classifier(1)).shape == (1, 28, 28)
-    with pytest.raises(BadImage, match="limit for WebP") as caught:
+    with pytest.raises(ClientError, match="limit for WebP") as caught:
         open_image(data, 1_000_000 * WEBP_SHARE - 1)
     assert caught.value.status == 413
     assert open_image(encode(photo(1000, 1000), "PNG"), 1_000_000 * WEBP_SHARE - 1).size == (1000, 1000)
@@ -91,18 +92,18 @@ MEASURE = r"""
 import io, json, sys, time
 sys.path.insert(0, sys.argv[1])
 import numpy as np
-from handlers.image import BadImage
+from handlers.errors import ClientError
 from handlers.pipeline import Classifier, image_pixels
 from handlers.spec import InputShape, Spec
 data = sys.stdin.buffer.read()
 spec = Spec("test", "none", {}, {}, ("a",), InputShape(1, 28, 28, "bilinear", (0, 0, 0)), (0.5,), (0.25,), "none")
-classifier = Classifier(spec, np.float32([0.5]), np.float32([0.25]), 24_000_000, None, "cpu")
+classifier = Classifier(spec, 24_000_000, None, "cpu")
 def peak_kb():
     return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0])
 before, started = peak_kb(), time.perf_counter()
 try:
     outcome = list(image_pixels(data, classifier).shape)
-except BadImage as error:
+except ClientError as error:
     outcome = error.status
 added = (peak_kb() - before) / 1024
 print(json.dumps([added, time.perf_counter() - started, outcome]))
@@ -110,7 +111,7 @@ print(json.dumps([added, time.perf_counter() - started, outcome]))
 
 
 def decode_in_a_fresh_process(data: bytes) -> tuple[float, float, list | int]:
-    """(peak resident MB one decode adds, seconds, the pixels' shape or the BadImage's status)."""
+    """(peak resident MB one decode adds, seconds, the pixels' shape or the ClientError's status)."""
     result = subprocess.run([sys.executable, "-c", MEASURE, str(ROOT)], input=data, capture_output=True, timeout=120)
     assert result.returncode == 0, result.stderr.decode()[-2000:]
     return tuple(json.loads(result.stdout))

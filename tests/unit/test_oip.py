@@ -1,6 +1,6 @@
 """handlers/oip.py: the model's Open Inference Protocol contract and the REST codec, checked against
-NVIDIA's tritonclient (its own request encoder and response parser), and the TorchServe handler's
-OIP path with a fake context."""
+NVIDIA's tritonclient (its own request encoder and response parser); the inference contract's OIP step
+(handlers/contract.py); and the TorchServe handler's OIP path with a fake context."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from helpers import spec_for_tests
 from test_handler import CLASSES, FakeContext, mean_pixel_classifier, png
 
 from handlers import oip
-from handlers.image import BadImage
-from handlers.pipeline import classify_batch, probabilities_of_images, probabilities_of_inputs
+from handlers.contract import infer_tensors, predictions_json, probabilities_of_encoded_images
+from handlers.errors import ClientError
 from handlers.torchserve_handler import ImageClassifierHandler
 
 SPEC = spec_for_tests(CLASSES)
@@ -31,7 +31,7 @@ def images_tensor(*images, name="image") -> oip.Tensor:
 def triton_request(inputs, outputs=None, **kw) -> oip.Request:
     """A request as tritonclient.http encodes it, decoded by the kit's codec."""
     body, json_length = triton.InferenceServerClient.generate_request_body(inputs, outputs=outputs, **kw)
-    return oip.decode_request(body, None if json_length is None else str(json_length))
+    return oip.decode_rest_request(body, None if json_length is None else str(json_length))
 
 
 def triton_input(name, datatype, array, binary):
@@ -77,7 +77,7 @@ def test_tensors_come_as_a_float32_batch():
     ([oip.Tensor("input", "FP32", np.full((1, 1, 28, 28), np.nan, np.float32))], 400, "NaN or infinite"),
 ])
 def test_inputs_outside_the_contract_are_refused_with_a_message(inputs, status, message):
-    with pytest.raises(oip.BadRequest) as error:
+    with pytest.raises(ClientError) as error:
         oip.model_input(inputs, SPEC)
     assert error.value.status == status and message in str(error.value)
 
@@ -92,9 +92,9 @@ def test_outputs_come_as_requested_with_class_names():
     assert [t.name for t in oip.model_outputs(probabilities, CLASSES, ["label"])] == ["label"]
     assert [t.name for t in oip.model_outputs(probabilities, CLASSES, ["label", "probabilities"])] == [
         "label", "probabilities"]
-    with pytest.raises(oip.BadRequest, match="unknown output 'logits'"):
+    with pytest.raises(ClientError, match="unknown output 'logits'"):
         oip.model_outputs(probabilities, CLASSES, ["logits"])
-    with pytest.raises(oip.BadRequest, match="requested twice"):
+    with pytest.raises(ClientError, match="requested twice"):
         oip.model_outputs(probabilities, CLASSES, ["label", "label"])
 
 
@@ -119,7 +119,7 @@ def test_responses_parse_in_tritonclient(binary):
     probabilities = np.array([[0.1, 0.7, 0.2], [0.5, 0.2, 0.3]])
     outputs = oip.model_outputs(probabilities, CLASSES, None)
     request = oip.Request("id-1", [], [("probabilities", binary[0]), ("label", binary[1])], False)
-    body, json_length = oip.encode_response("digits", "1.0", request, outputs)
+    body, json_length = oip.encode_rest_response("digits", "1.0", request, outputs)
     assert (json_length is None) == (not any(binary))
     result = triton.InferenceServerClient.parse_response_body(body, header_length=json_length)
     assert np.array_equal(result.as_numpy("probabilities"), probabilities.astype(np.float32))
@@ -163,29 +163,44 @@ def binary_request(header: dict, data: bytes) -> tuple[bytes, str]:
                                   "parameters": {"binary_data_size": 2}}]}, b"\x09\x00"), "inside an element's length"),
 ])
 def test_malformed_requests_are_refused_with_a_message(body, json_length, message):
-    with pytest.raises(oip.BadRequest, match=None) as error:
-        oip.decode_request(body, json_length)
+    with pytest.raises(ClientError, match=None) as error:
+        oip.decode_rest_request(body, json_length)
     assert message in str(error.value) and error.value.status == 400
 
 
 def test_a_json_body_torchserve_already_parsed_decodes_too():
-    request = oip.decode_request({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+    request = oip.decode_rest_request({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
                                               "data": [base64.b64encode(b"PNG").decode()]}]}, None)
     assert oip.model_input(request.inputs, SPEC) == [b"PNG"]
 
 
-# ---------------------------------------------------------------------------- the pipeline's batch functions
+# ---------------------------------------------------------------------------- the contract's OIP step
 
 def test_images_of_one_request_give_the_probabilities_of_predictions():
     classifier = mean_pixel_classifier()
     images = [png(0), png(255), png(128, (40, 40))]
-    probabilities = probabilities_of_images(images, classifier)
-    for row, answer in zip(probabilities, classify_batch([{"data": image} for image in images], classifier)):
-        assert np.allclose(row, list(answer["probabilities"].values()), rtol=0, atol=1e-12)
-    with pytest.raises(BadImage, match="image 1: not an image Pillow can read"):
-        probabilities_of_images([png(0), b"junk"], classifier)
+    probabilities = probabilities_of_encoded_images(images, classifier)
+    for row, answer in zip(probabilities, predictions_json([{"data": image} for image in images], classifier)):
+        assert np.allclose(row, list(json.loads(answer)["probabilities"].values()), rtol=0, atol=1e-12)
+    with pytest.raises(ClientError, match="image 1: not an image Pillow can read"):
+        probabilities_of_encoded_images([png(0), b"junk"], classifier)
     batch = np.zeros((2, 1, 28, 28), np.float32)
-    assert probabilities_of_inputs(batch, classifier).shape == (2, 3)
+    outputs = infer_tensors([oip.Tensor("input", "FP32", batch)], ["probabilities"], classifier)
+    assert [t.name for t in outputs] == ["probabilities"] and outputs[0].data.shape == (2, 3)
+
+
+def test_the_oip_step_answers_images_and_tensors_with_the_requested_outputs():
+    classifier = mean_pixel_classifier()
+    images = [png(0), png(255)]
+    probabilities, label = infer_tensors([images_tensor(*images)], None, classifier)
+    assert np.array_equal(probabilities.data, probabilities_of_encoded_images(images, classifier).astype(np.float32))
+    assert list(label.data) == ["zero", "two"]
+    assert json.loads(probabilities.parameters["class_names"]) == CLASSES
+    with pytest.raises(ClientError, match="image 1: not an image Pillow can read") as error:
+        infer_tensors([images_tensor(png(0), b"junk")], None, classifier)
+    assert error.value.status == 400
+    with pytest.raises(ClientError, match="unknown output 'logits'"):
+        infer_tensors([images_tensor(png(0))], ["logits"], classifier)
 
 
 # ---------------------------------------------------------------------------- the TorchServe handler

@@ -23,7 +23,8 @@ from export.checkpoint import load_trained
 from export.data import load_run_data
 from export.run import ExportConfig, export
 from handlers.archive import HandlerSettings
-from handlers.pipeline import classify_batch, load_classifier
+from handlers.contract import predictions_json
+from handlers.pipeline import load_classifier
 from training import data as datasets
 from training.__main__ import main as training_main
 from training.errors import UserError
@@ -104,8 +105,8 @@ def test_a_model_from_the_users_file_trains_exports_and_serves_after_the_file_is
     for archive in (store / "tiny.mar", store / "tiny-torchscript.mar"):
         classifier, names = serve_in_process(archive, tmp_path)
         assert not any("custom_net" in n or "model_source" in n for n in names)  # serving needs no user code
-        answers = classify_batch([{"body": png(image[0].numpy())} for image in images], classifier)
-        served = np.array([list(answer["probabilities"].values()) for answer in answers])
+        answers = predictions_json([{"body": png(image[0].numpy())} for image in images], classifier)
+        served = np.array([list(json.loads(answer)["probabilities"].values()) for answer in answers])
         assert np.abs(served - expected).max() <= 1e-5
 
 
