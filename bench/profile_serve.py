@@ -24,7 +24,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 import harness  # noqa: E402
 from serve_load import LUA, noop_archive  # noqa: E402
 
-from export.run import load_run_data  # noqa: E402
+from export.data import load_run_data  # noqa: E402
 from training.samples import save_png  # noqa: E402
 
 PY_SPY = Path(sys.executable).parent / "py-spy"

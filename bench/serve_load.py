@@ -50,8 +50,8 @@ import harness  # noqa: E402
 import oip_engines  # noqa: E402
 
 from export.archive import ARCHIVER  # noqa: E402
+from export.data import load_run_data  # noqa: E402
 from export.parity import onnxruntime_runner  # noqa: E402
-from export.run import load_run_data  # noqa: E402
 from handlers.archive import MODEL_CONFIG, read_archive  # noqa: E402
 from handlers.spec import Spec  # noqa: E402
 from training.checkpoint import CHECKPOINT_FORMAT, load_torch_file  # noqa: E402

@@ -27,7 +27,7 @@ import harness  # noqa: E402
 from serve_load import LUA, Target, noop_archive, wrk  # noqa: E402
 
 from export.archive import ServingConfig, build_archive  # noqa: E402
-from export.run import load_run_data  # noqa: E402
+from export.data import load_run_data  # noqa: E402
 from training.samples import save_png  # noqa: E402
 
 

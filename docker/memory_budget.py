@@ -4,7 +4,8 @@ A container that runs out of memory is killed by the kernel (exit 137) with noth
 that says why. This check reads every archive in the model store (workers, batchSize, the pixel
 limit and the model file's size from model-config.yaml and the archive) and the container's memory
 limit (cgroup v2 or v1), and refuses to start with one line that says what to change when the
-models cannot fit. The formula, with figures measured on the kit's machines (docs/reliability.md, "Memory the deployment needs"):
+models cannot fit. The formula, with figures measured on the kit's machines (docs/reliability.md,
+"Memory the deployment needs"):
 
   need = FRONTEND + SHARED + sum over models of workers x (WORKER + 3 x model file
          + 4.2 bytes x max_pixels + 12 MB + batchSize x max_request_size)

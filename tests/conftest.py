@@ -50,7 +50,7 @@ def served_images(exported):
     from served import png
 
     from export.checkpoint import load_trained
-    from export.run import load_run_data
+    from export.data import load_run_data
     from training.loop import normalize, per_channel
 
     out_dir, _ = exported
@@ -69,7 +69,7 @@ def served_inputs(exported):
     Protocol client sends as the FP32 `input`."""
     import json
 
-    from export.run import load_run_data
+    from export.data import load_run_data
     from training.loop import normalize, per_channel
 
     out_dir, _ = exported
