@@ -114,7 +114,8 @@ def test_rebuilding_the_class_from_the_source_gives_the_committed_one(tmp_path):
 def stock_jar(pytestconfig, tmp_path_factory) -> Path:
     """TorchServe 0.12.0's own model-server.jar, from its wheel: docker/wheels/ (make docker-offline) or
     one `pip download` into pytest's cache."""
-    cache = pytestconfig.cache.mkdir("torchserve-0.12.0-wheel")
+    cache = (pytestconfig.cache.mkdir("torchserve-0.12.0-wheel") if getattr(pytestconfig, "cache", None)
+             else tmp_path_factory.mktemp("torchserve-0.12.0-wheel"))  # -p no:cacheprovider
     wheel = next((folder / WHEEL for folder in (ROOT / "docker" / "wheels", cache) if (folder / WHEEL).is_file()),
                  None)
     if wheel is None:
