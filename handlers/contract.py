@@ -10,7 +10,9 @@ handlers/torchserve_handler.py (TorchServe) and handlers/kserve_model.py (KServe
                    the batch's good images, a bad one fails only its own request
   Open Inference   infer_tensors(inputs, requested, classifier): the protocol's decoded input tensors ->
   Protocol         the requested output tensors (handlers/oip.py says what they are); one forward pass
-                   for the request's N images, which succeeds or fails as a whole
+                   for the request's N images, which succeeds or fails as a whole. It is two halves,
+                   model_batch (decode, normalize) and output_tensors (softmax, outputs), between which
+                   the KServe path puts its adaptive batcher (handlers/batching.py)
   metadata         classifier_metadata(classifier): the spec and the pixel limit, for clients (the demo
                    page); the protocol's own metadata is oip.model_metadata
 
@@ -27,7 +29,14 @@ import numpy as np
 
 from handlers import oip
 from handlers.errors import ClientError
-from handlers.pipeline import Classifier, image_pixels, probabilities_of_pixels, results_json, softmax
+from handlers.pipeline import (
+    Classifier,
+    image_pixels,
+    normalized_batch,
+    probabilities_of_pixels,
+    results_json,
+    softmax,
+)
 
 IMAGE_FIELDS = ("data", "body", "file", "image")  # request fields that may carry the image
 
@@ -72,28 +81,32 @@ def predictions_json(rows: list[dict], classifier: Classifier) -> list[str | Cli
     return [entry if isinstance(entry, ClientError) else answers[entry] for entry in outcome]
 
 
-def probabilities_of_encoded_images(images: list[bytes], classifier: Classifier) -> np.ndarray:
-    """N encoded images of one request -> probabilities float64 (N, classes) in one forward pass; a bad image
-    fails the request with a ClientError naming its position."""
+def model_batch(inputs: list[oip.Tensor], classifier: Classifier) -> np.ndarray:
+    """The Open Inference Protocol request's decoded input tensors -> what the model takes: float32 (N, C, H, W),
+    normalized. Encoded images (`image`) are decoded like those of /predictions (a bad one fails the request
+    with a ClientError naming its position); normalized tensors (`input`) go to the model as they are."""
+    model_input = oip.model_input(inputs, classifier.spec)
+    if not isinstance(model_input, list):
+        return model_input
     pixels = []
-    for position, image in enumerate(images):
+    for position, image in enumerate(model_input):
         try:
             pixels.append(image_pixels(image, classifier))
         except ClientError as error:
             raise ClientError(f"image {position}: {error}", error.status) from None
-    return probabilities_of_pixels(pixels, classifier)
+    return normalized_batch(pixels, classifier)
+
+
+def output_tensors(logits: np.ndarray, requested: list[str] | None, classifier: Classifier) -> list[oip.Tensor]:
+    """The model's logits for one request -> the output tensors it requests (None: all), in the order requested."""
+    return oip.model_outputs(softmax(logits), classifier.spec.class_names, requested)
 
 
 def infer_tensors(inputs: list[oip.Tensor], requested: list[str] | None, classifier: Classifier) -> list[oip.Tensor]:
-    """The Open Inference Protocol's step: the request's decoded input tensors and the names of the outputs it
-    requests (None: all) -> the output tensors, in the order requested. Encoded images (`image`) are decoded
-    like those of /predictions; normalized tensors (`input`) go to the model as they are."""
-    model_input = oip.model_input(inputs, classifier.spec)
-    if isinstance(model_input, list):
-        probabilities = probabilities_of_encoded_images(model_input, classifier)
-    else:
-        probabilities = softmax(classifier.infer(model_input))
-    return oip.model_outputs(probabilities, classifier.spec.class_names, requested)
+    """The Open Inference Protocol's step in one forward pass: decoded input tensors and the names of the
+    outputs requested -> the output tensors. (The KServe path runs the same two halves with its batcher
+    between them: model_batch, then the pass, then output_tensors.)"""
+    return output_tensors(classifier.infer(model_batch(inputs, classifier)), requested, classifier)
 
 
 def classifier_metadata(classifier: Classifier) -> dict:

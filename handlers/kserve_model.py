@@ -23,6 +23,7 @@ from pathlib import Path
 
 from handlers import contract, oip
 from handlers.archive import read_archive
+from handlers.batching import AdaptiveBatcher
 from handlers.errors import ClientError, UserError
 from handlers.pipeline import Classifier, load_classifier
 
@@ -42,15 +43,17 @@ class ArchivedClassifier(kserve.Model):
     """One archive's classifier behind the Open Inference Protocol."""
 
     def __init__(self, name: str, version: str, archive: Path, workers: int = 1, threads: int = 0,
-                 backend: str = "", classifier: Classifier | None = None):
+                 batch_images: int = 1, backend: str = "", classifier: Classifier | None = None):
         super().__init__(name)
         self.version, self.archive, self.workers, self.threads = version, archive, workers, threads
+        self.batch_images = batch_images  # images per forward pass at most; 1: no batching
         self.backend, self.classifier = backend, classifier
+        self.batcher: AdaptiveBatcher | None = None  # made in the process that serves, on its first request
         self.ready = classifier is not None
 
     def load(self) -> bool:
         if self.classifier is None:
-            loaded = load_archive(self.archive, self.workers, self.threads)
+            loaded = load_archive(self.archive, self.workers, self.threads, self.batch_images)
             self.backend, self.classifier = loaded.backend, loaded.classifier
         self.ready = True
         return self.ready
@@ -59,7 +62,8 @@ class ArchivedClassifier(kserve.Model):
         # KServe's --workers pickles the models into its REST processes, and an ONNX Runtime session does
         # not pickle: each process gets the archive's name and loads it (kserve_server.KitRESTServer.run) once it
         # answers KServe's liveness pings, which a load inside unpickling would hold up past their 5 s.
-        return ArchivedClassifier, (self.name, self.version, self.archive, self.workers, self.threads)
+        return ArchivedClassifier, (self.name, self.version, self.archive, self.workers, self.threads,
+                                    self.batch_images)
 
     def get_input_types(self) -> list[dict]:
         return oip.inputs_metadata(self.classifier.spec)
@@ -70,12 +74,18 @@ class ArchivedClassifier(kserve.Model):
     def metadata(self) -> dict:
         return oip.model_metadata(self.name, self.version, self.classifier.spec, self.backend)
 
-    def predict(self, request: InferRequest, headers: dict | None = None) -> InferResponse:
+    async def predict(self, request: InferRequest, headers: dict | None = None) -> InferResponse:
         if not isinstance(request, InferRequest):  # KServe's v1 route: /v1/models/<name>:predict
             raise InvalidInput(f"this server speaks the Open Inference Protocol: POST /v2/models/{self.name}/infer")
         try:
             requested = [output.name for output in request.request_outputs] if request.request_outputs else None
-            outputs = contract.infer_tensors([tensor_of(item) for item in request.inputs], requested, self.classifier)
+            batch = contract.model_batch([tensor_of(item) for item in request.inputs], self.classifier)
+            if self.batch_images > 1:  # concurrent requests share a forward pass (handlers/batching.py)
+                self.batcher = self.batcher or AdaptiveBatcher(self.classifier.infer, self.batch_images)
+                logits = await self.batcher.run(batch)
+            else:
+                logits = self.classifier.infer(batch)
+            outputs = contract.output_tensors(logits, requested, self.classifier)
         except ClientError as error:  # KServe answers 400 / INVALID_ARGUMENT with the message
             raise InvalidInput(str(error)) from None
         return InferResponse(
@@ -107,9 +117,10 @@ def tensor_of(item: InferInput) -> oip.Tensor:
 
 # ---------------------------------------------------------------------------- the model store
 
-def load_archive(path: Path, workers: int = 1, threads: int = 0) -> ArchivedClassifier:
+def load_archive(path: Path, workers: int = 1, threads: int = 0, batch_images: int = 0) -> ArchivedClassifier:
     """A .mar -> its classifier, read as TorchServe reads it; `workers` processes share the CPU cores,
-    unless `threads` (> 0) overrides the archive's threads per process."""
+    unless `threads` (> 0) overrides the archive's threads per process. Up to `batch_images` images of
+    concurrent requests share a forward pass; 0: the archive's batchSize (what TorchServe batches), 1: none."""
     archive = read_archive(path)
     settings = dataclasses.replace(archive.settings, threads=threads) if threads > 0 else archive.settings
     try:
@@ -119,15 +130,17 @@ def load_archive(path: Path, workers: int = 1, threads: int = 0) -> ArchivedClas
         raise UserError(f"{path}: not an archive of the kit ({type(error).__name__}: {error}): "
                         "make export writes them") from None
     log.info("loaded %s (%s, %s) from %s", archive.name, settings.backend, classifier.device, path)
-    return ArchivedClassifier(archive.name, archive.version, path.resolve(), workers, threads, settings.backend,
-                              classifier)
+    batch_images = batch_images or int(archive.model_config.get("batchSize", 1))
+    return ArchivedClassifier(archive.name, archive.version, path.resolve(), workers, threads, batch_images,
+                              settings.backend, classifier)
 
 
-def load_store(model_store: Path, workers: int = 1, threads: int = 0) -> list[ArchivedClassifier]:
+def load_store(model_store: Path, workers: int = 1, threads: int = 0,
+               batch_images: int = 0) -> list[ArchivedClassifier]:
     archives = sorted(model_store.glob("*.mar"))
     if not archives:
         raise UserError(f"no archives in {model_store}/: run make train export first")
-    models = [load_archive(path, workers, threads) for path in archives]
+    models = [load_archive(path, workers, threads, batch_images) for path in archives]
     names = [model.name for model in models]
     if len(set(names)) != len(names):
         raise UserError(f"two archives in {model_store}/ name the same model: {sorted(names)}")

@@ -225,6 +225,9 @@ def parser() -> argparse.ArgumentParser:
                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_store", type=Path, default=Path("model_store"), help="folder of .mar archives")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on, REST and gRPC (%(default)s)")
+    p.add_argument("--batch_images", type=int, default=0,
+                   help="images of concurrent requests per forward pass at most (handlers/batching.py); 0: the "
+                        "archive's batchSize, 1: no batching, each request its own pass (%(default)s)")
     p.add_argument("--threads", type=int, default=0,
                    help="intra-op threads per process; 0: the archive's setting, else CPU cores / --workers. "
                         "In a container with a CPU limit, set it: os.cpu_count() there is the host's (%(default)s)")
@@ -244,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.workers < 1:
         p.error("--workers must be at least 1")
+    if args.batch_images < 0:
+        p.error("--batch_images must be 0 (the archive's batchSize) or more")
     model_server.args = args  # read by KServe when it configures logging and gRPC message sizes
     server = KitModelServer(args.host, args.log_requests, http_port=args.http_port, grpc_port=args.grpc_port,
                             workers=args.workers,
@@ -258,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for port in (args.http_port, args.grpc_port) if args.enable_grpc else (args.http_port,):
             check_free(args.host, port)
-        models = load_store(args.model_store, args.workers, args.threads)
+        models = load_store(args.model_store, args.workers, args.threads, args.batch_images)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -246,3 +246,31 @@ def test_one_process_as_kserve_runs_it_on_kubernetes(exported, served_images, tm
     finally:
         server.stop()
     assert server.process.returncode is not None
+
+
+def test_concurrent_requests_are_batched_each_with_its_own_answer_or_error(kserve, served_images):
+    """32 clients at once, every fourth request an image that is not one: the batcher gathers the good
+    requests into shared forward passes, yet each answers as in-process eager, and each bad one gets its
+    own 400 (the requests around it are unaffected)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pngs, probabilities, class_names = served_images
+
+    def one(index: int):
+        triton = client(kserve, "http-binary")
+        image = b"not an image" if index % 4 == 3 else pngs[index % len(pngs)]
+        try:
+            return index, triton.infer("fmnist", [image_input("http-binary", [image])],
+                                       outputs=requested("http-binary", "probabilities", "label"))
+        except InferenceServerException as error:
+            return index, error
+
+    with ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(one, range(256)))
+    for index, result in results:
+        if index % 4 == 3:
+            assert isinstance(result, InferenceServerException) and "image 0: not an image" in result.message()
+            assert result.status() == "400"
+        else:
+            assert not isinstance(result, InferenceServerException), result
+            assert_equal_in_process(result, probabilities[index % len(pngs)][None], class_names)

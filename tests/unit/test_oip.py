@@ -15,8 +15,9 @@ from helpers import spec_for_tests
 from test_handler import CLASSES, FakeContext, mean_pixel_classifier, png
 
 from handlers import oip
-from handlers.contract import infer_tensors, predictions_json, probabilities_of_encoded_images
+from handlers.contract import infer_tensors, model_batch, predictions_json
 from handlers.errors import ClientError
+from handlers.pipeline import softmax
 from handlers.torchserve_handler import ImageClassifierHandler
 
 SPEC = spec_for_tests(CLASSES)
@@ -175,6 +176,10 @@ def test_a_json_body_torchserve_already_parsed_decodes_too():
 
 
 # ---------------------------------------------------------------------------- the contract's OIP step
+
+def probabilities_of_encoded_images(images, classifier):
+    return softmax(classifier.infer(model_batch([images_tensor(*images)], classifier)))
+
 
 def test_images_of_one_request_give_the_probabilities_of_predictions():
     classifier = mean_pixel_classifier()
