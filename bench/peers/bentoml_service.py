@@ -23,7 +23,9 @@ class Classifier:
     def __init__(self) -> None:
         self.model = classifier.load(SETTINGS)
 
-    @bentoml.api(batchable=True, max_batch_size=SETTINGS.max_batch, max_latency_ms=max(1, round(SETTINGS.max_delay_ms)))
+    # max_latency_ms is BentoML's bound on a request's whole time (beyond it, 503), not a wait:
+    # the archive's responseTimeout.
+    @bentoml.api(batchable=True, max_batch_size=SETTINGS.max_batch, max_latency_ms=round(SETTINGS.timeout_s * 1000))
     def classify(self, images: list[str]) -> list[dict]:
         answers = self.model([base64.b64decode(image) for image in images])
         return [json.loads(text) for _, text in answers]

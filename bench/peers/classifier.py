@@ -8,7 +8,7 @@ forward pass per batch, softmax, and each answer as the JSON text TorchServe's /
 {"label", "index", "probabilities": {class: p}}. So every framework answers exactly what the kit does.
 
 The servers read their settings from the environment (PEER_ARCHIVE, PEER_WORKERS, PEER_THREADS,
-PEER_MAX_BATCH, PEER_MAX_DELAY_MS), which reaches every process a framework starts.
+PEER_MAX_BATCH, PEER_MAX_DELAY_MS, PEER_TIMEOUT_S), which reaches every process a framework starts.
 """
 
 from __future__ import annotations
@@ -38,12 +38,13 @@ class Settings:
     threads: int  # ONNX Runtime intra-op threads per worker
     max_batch: int
     max_delay_ms: float
+    timeout_s: float  # a request's time limit (the archive's responseTimeout)
 
     @classmethod
     def from_environment(cls) -> Settings:
         return cls(Path(os.environ["PEER_ARCHIVE"]), int(os.environ.get("PEER_WORKERS", "2")),
                    int(os.environ.get("PEER_THREADS", "1")), int(os.environ.get("PEER_MAX_BATCH", "16")),
-                   float(os.environ.get("PEER_MAX_DELAY_MS", "1")))
+                   float(os.environ.get("PEER_MAX_DELAY_MS", "1")), float(os.environ.get("PEER_TIMEOUT_S", "30")))
 
 
 def load(settings: Settings | None = None) -> Callable[[list[bytes]], list[Answer]]:

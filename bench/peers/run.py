@@ -248,10 +248,10 @@ def kit_versions() -> dict:
 
 
 def servers(name: str, archive: Path, image: bytes, scratch: Path, versions: dict, config: dict) -> list[Server]:
-    batch, delay = int(config["batchSize"]), float(config["maxBatchDelay"])
+    batch, delay, timeout = int(config["batchSize"]), float(config["maxBatchDelay"]), float(config["responseTimeout"])
     env = {"PATH": f"{PEERS_PYTHON.parent}:/usr/bin:/bin", "PEER_ARCHIVE": str(archive),
            "PEER_WORKERS": str(WORKERS), "PEER_THREADS": str(THREADS), "PEER_MAX_BATCH": str(batch),
-           "PEER_MAX_DELAY_MS": str(delay), "PYTHONPATH": str(HERE), "LANG": "C.UTF-8"}
+           "PEER_MAX_DELAY_MS": str(delay), "PEER_TIMEOUT_S": str(timeout), "PYTHONPATH": str(HERE), "LANG": "C.UTF-8"}
     script = lambda file: lambda port: [str(PEERS_PYTHON), str(HERE / file), str(port)]  # noqa: E731
     encoded = base64.b64encode(image).decode()
     litserve = Request("/predict", json.dumps({"data": encoded}).encode(), "application/json")
@@ -281,7 +281,7 @@ def servers(name: str, archive: Path, image: bytes, scratch: Path, versions: dic
                f"LitAPI max_batch_size={batch}, batch_timeout={delay_s} s, fast_queue", litserve, parse_json,
                peer_starter("litserve", script("litserve_server.py"), litserve, env, scratch)),
         Server("bentoml", f"BentoML {versions['bentoml']}", versions["bentoml"],
-               f"batchable, max_batch_size={batch}, max_latency_ms={max(1, round(delay))} (adaptive)", bentoml,
+               f"batchable, max_batch_size={batch}, max_latency_ms={round(timeout * 1000)} (adaptive)", bentoml,
                parse_json, peer_starter("bentoml", lambda port: [
                    str(PEERS_PYTHON.parent / "bentoml"), "serve", "bentoml_service:Classifier", "--host", "127.0.0.1",
                    "--port", str(port)], bentoml, env, scratch)),
@@ -298,7 +298,7 @@ def servers(name: str, archive: Path, image: bytes, scratch: Path, versions: dic
         Server("torchserve", "the kit, TorchServe /predictions", kit_versions()["torchserve"],
                f"TorchServe batchSize={batch}, maxBatchDelay={delay:g} ms", raw, parse_json, start_torchserve),
         Server("kserve", "the kit, KServe ModelServer, OIP binary", kit_versions()["kserve"],
-               "the kit's (the engine's own)", kserve, parse_kserve, start_kserve),
+               f"the kit's, from the archive's model-config (batchSize={batch}, maxBatchDelay={delay:g} ms)", kserve, parse_kserve, start_kserve),
     ]
 
 
