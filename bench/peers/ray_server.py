@@ -15,11 +15,16 @@ import sys
 import threading
 from pathlib import Path
 
-import classifier
-import ray
-from ray import serve
-from starlette.requests import Request
-from starlette.responses import Response
+# A single-machine Ray: its node address is 127.0.0.1 (Ray otherwise replaces 127.0.0.1 with the
+# machine's reachable address), so the proxy, the replicas and Ray's own services talk over loopback.
+# Ray's worker processes still listen on all interfaces; nothing is sent to them but from here.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
+import classifier  # noqa: E402
+import ray  # noqa: E402
+from ray import serve  # noqa: E402
+from starlette.requests import Request  # noqa: E402
+from starlette.responses import Response  # noqa: E402
 
 SETTINGS = classifier.Settings.from_environment()
 
@@ -41,7 +46,7 @@ def main(port: int) -> None:
     here = str(Path(__file__).resolve().parent)
     env_vars = {key: value for key, value in os.environ.items() if key.startswith("PEER_")}
     env_vars["PYTHONPATH"] = os.pathsep.join([here, str(classifier.ROOT)])
-    ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+    ray.init(include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": env_vars})
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(Classifier.options(num_replicas=SETTINGS.workers).bind(), route_prefix="/predictions",

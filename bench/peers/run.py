@@ -180,15 +180,22 @@ def differences(answer: dict, expected: dict) -> float:
 # ---------------------------------------------------------------------------- processes
 
 def stop_process(process: subprocess.Popen) -> None:
-    """SIGTERM to the process group (each server runs in its own session), then SIGKILL to whatever of
-    it and of everything it started is left: frameworks start helpers in groups of their own (BentoML's
-    workers, Ray's raylet and workers), found through /proc before the stop and killed by PID."""
+    """SIGTERM to the server's main process, which stops what it started (Ray's driver shuts Serve and
+    its cluster down: a SIGTERM to all of them at once would leave the driver waiting for a dead raylet),
+    then to its process group (each server runs in its own session), then SIGKILL to whatever is left of
+    it and of everything it started: frameworks start helpers in groups of their own (BentoML's workers),
+    found through /proc before the stop and killed by PID."""
     started = harness.descendants(process.pid) | {process.pid}
     if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
+        process.terminate()
         try:
-            process.wait(timeout=40)
+            process.wait(timeout=30)
         except subprocess.TimeoutExpired:
+            pass
+    if harness.alive(started):
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+        except ProcessLookupError:
             pass
     deadline = time.monotonic() + 15
     while harness.alive(started) and time.monotonic() < deadline:
@@ -249,7 +256,7 @@ def kit_versions() -> dict:
 
 def servers(name: str, archive: Path, image: bytes, scratch: Path, versions: dict, config: dict) -> list[Server]:
     batch, delay, timeout = int(config["batchSize"]), float(config["maxBatchDelay"]), float(config["responseTimeout"])
-    env = {"PATH": f"{PEERS_PYTHON.parent}:/usr/bin:/bin", "PEER_ARCHIVE": str(archive),
+    env = {"PATH": f"{PEERS_PYTHON.parent}:/usr/bin:/bin", "PEER_ARCHIVE": str(archive.resolve()),
            "PEER_WORKERS": str(WORKERS), "PEER_THREADS": str(THREADS), "PEER_MAX_BATCH": str(batch),
            "PEER_MAX_DELAY_MS": str(delay), "PEER_TIMEOUT_S": str(timeout), "PYTHONPATH": str(HERE), "LANG": "C.UTF-8"}
     script = lambda file: lambda port: [str(PEERS_PYTHON), str(HERE / file), str(port)]  # noqa: E731
@@ -298,7 +305,8 @@ def servers(name: str, archive: Path, image: bytes, scratch: Path, versions: dic
         Server("torchserve", "the kit, TorchServe /predictions", kit_versions()["torchserve"],
                f"TorchServe batchSize={batch}, maxBatchDelay={delay:g} ms", raw, parse_json, start_torchserve),
         Server("kserve", "the kit, KServe ModelServer, OIP binary", kit_versions()["kserve"],
-               f"the kit's, from the archive's model-config (batchSize={batch}, maxBatchDelay={delay:g} ms)", kserve, parse_kserve, start_kserve),
+               f"the kit's, from the archive's model-config (batchSize={batch}, maxBatchDelay={delay:g} ms)",
+               kserve, parse_kserve, start_kserve),
     ]
 
 
