@@ -1,5 +1,6 @@
 """Ray Serve with its batching: `@serve.batch(max_batch_size, batch_wait_timeout_s)` on a deployment of
-`workers` replicas, Serve's HTTP proxy on 127.0.0.1, the node on 127.0.0.1, access log off.
+`workers` replicas (max_ongoing_requests: twice max_batch_size), Serve's HTTP proxy on 127.0.0.1, the
+node on 127.0.0.1, access log off.
 
 POST /predictions: the image's bytes as the body. The answer: the kit's JSON object.
 Run: python bench/peers/ray_server.py PORT (settings from the environment: classifier.Settings; Ray's
@@ -49,7 +50,10 @@ def main(port: int) -> None:
     ray.init(include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": env_vars})
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(Classifier.options(num_replicas=SETTINGS.workers).bind(), route_prefix="/predictions",
+    # Ray's batching guide: a replica's max_ongoing_requests (5 by default) above max_batch_size, or no
+    # batch grows past it.
+    deployment = Classifier.options(num_replicas=SETTINGS.workers, max_ongoing_requests=2 * SETTINGS.max_batch)
+    serve.run(deployment.bind(), route_prefix="/predictions",
               logging_config={"enable_access_log": False, "log_level": "WARNING"})
     stopped = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
