@@ -47,6 +47,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
 import harness  # noqa: E402
+import oip_engines  # noqa: E402
 from serve_load import parse_duration_ms  # noqa: E402
 
 from export.run import load_run_data  # noqa: E402
@@ -58,8 +59,8 @@ PEERS_PYTHON = ROOT / ".venv-peers" / "bin" / "python"
 CONCURRENCY = (1, 8, 32)
 WORKERS, THREADS = 2, 1
 TOLERANCE = 1e-6  # probabilities: OIP carries FP32, /predictions float64
-versions_seen: dict[str, str] = {}  # versions only a running server tells
 FRAMEWORKS = ("litserve", "bentoml", "ray", "pytriton")  # the rows the ratio column compares with
+versions_seen: dict[str, str] = {}  # versions only a running server tells (Triton's)
 # wrk: the request from the environment, and every status counted (wrk's own summary lumps them).
 LUA = """
 local f = io.open(os.getenv("WRK_BODY"), "rb"); wrk.body = f:read("*a"); f:close()
@@ -109,16 +110,21 @@ class Server:
 
 # ---------------------------------------------------------------------------- requests and answers
 
-def oip_binary_request(path: str, image: bytes, shape: list[int], outputs: list[str] | None) -> Request:
-    """An Open Inference Protocol request: `image` BYTES in the binary tensor extension, binary outputs."""
+def triton_request(path: str, image: bytes) -> Request:
+    """The Open Inference Protocol with binary tensors, as Triton takes it for a model with a batch
+    dimension: `image` BYTES [1, 1], the output `answer` asked for in binary."""
     data = len(image).to_bytes(4, "little") + image
-    header = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": shape,
-                          "parameters": {"binary_data_size": len(data)}}],
-              "parameters": {"binary_data_output": True}}
-    if outputs:
-        header["outputs"] = [{"name": name, "parameters": {"binary_data": True}} for name in outputs]
-    text = json.dumps(header).encode()
+    text = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1, 1],
+                                   "parameters": {"binary_data_size": len(data)}}],
+                       "outputs": [{"name": "answer", "parameters": {"binary_data": True}}]}).encode()
     return Request(path, text + data, "application/octet-stream", {"Inference-Header-Content-Length": str(len(text))})
+
+
+def kserve_request(path: str, image: bytes, folder: Path) -> Request:
+    """The request `make bench-serve` sends the KServe ModelServer (bench/oip_engines.py): `image`
+    BYTES [1] in the binary tensor extension, binary outputs."""
+    body, headers, content_type = oip_engines.oip_body(image, 1, True, folder)
+    return Request(path, body.read_bytes(), content_type, headers)
 
 
 def oip_outputs(body: bytes, headers: dict) -> dict[str, tuple[dict, bytes | list]]:
@@ -264,8 +270,8 @@ def servers(name: str, archive: Path, image: bytes, scratch: Path, versions: dic
     litserve = Request("/predict", json.dumps({"data": encoded}).encode(), "application/json")
     bentoml = Request("/classify", json.dumps({"images": [encoded]}).encode(), "application/json")
     raw = Request("/predictions", image, "application/octet-stream")
-    triton = oip_binary_request("/v2/models/classifier/infer", image, [1, 1], ["answer"])
-    kserve = oip_binary_request(f"/v2/models/{name}/infer", image, [1], None)
+    triton = triton_request("/v2/models/classifier/infer", image)
+    kserve = kserve_request(f"/v2/models/{name}/infer", image, scratch)
     delay_s = delay / 1000
 
     def start_torchserve() -> Running:
