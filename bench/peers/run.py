@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import json
 import os
 import platform
@@ -375,9 +376,21 @@ def measure(server: Server, expected: dict, seconds: int, scratch: Path, lua: Pa
 
 
 def kit_answer(archive_path: Path, image: bytes, scratch: Path) -> dict:
+    """The kit's answer in this process, with the servers' thread count."""
     archive = read_archive(archive_path)
-    classifier = load_classifier(archive.unpack(scratch / "kit-model"), archive.settings, 1, None)
+    classifier = load_classifier(archive.unpack(scratch / "kit-model"),
+                                 dataclasses.replace(archive.settings, threads=THREADS), 1, None)
     return json.loads(classify_batch_json([{"body": image}], classifier)[0])
+
+
+def processor() -> str:
+    """The CPU's model name (platform.processor() is empty on Linux)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.machine()
+    match = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
+    return match.group(1).strip() if match else platform.machine()
 
 
 def print_table(rows: dict, chosen: list[Server]) -> None:
@@ -440,7 +453,7 @@ def main() -> int:
                                                                                  "p99_ms")}
                      for c, rounds in by_c.items()} for key, by_c in runs.items()}
     load = (load_before, os.getloadavg()[0])  # 1-minute load averages
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, load before/after "
+    print(f"machine: {processor()}, {os.cpu_count()} cores, load before/after "
           f"{load[0]:.2f}/{load[1]:.2f}; model {args.name}; {WORKERS} workers x {THREADS} ONNX Runtime thread; "
           f"batches of up to "
           f"{config['batchSize']}, {config['maxBatchDelay']} ms; wrk {args.seconds} s per run, median of "
@@ -450,7 +463,7 @@ def main() -> int:
     for server in chosen:
         print(f"  {server.label}: batching {server.batching}")
     record = {"name": args.name, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-              "machine": {"processor": platform.processor(), "cores": os.cpu_count(),
+              "machine": {"processor": processor(), "cores": os.cpu_count(),
                           "load_average_before_after": load},
               "seconds": args.seconds, "rounds": args.rounds, "workers": WORKERS, "onnxruntime_threads": THREADS,
               "archive": {"batchSize": config["batchSize"], "maxBatchDelay": config["maxBatchDelay"]},
