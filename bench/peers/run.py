@@ -62,7 +62,9 @@ WORKERS, THREADS = 2, 1
 TOLERANCE = 1e-6  # probabilities: OIP carries FP32, /predictions float64
 FRAMEWORKS = ("litserve", "bentoml", "ray", "pytriton")  # the rows the ratio column compares with
 versions_seen: dict[str, str] = {}  # versions only a running server tells (Triton's)
-# wrk: the request from the environment, and every status counted (wrk's own summary lumps them).
+MAX_REQUESTS = 1_000_000  # per wrk run, besides its duration
+# wrk: the request from the environment, every status counted (wrk's own summary lumps them), at most
+# MAX_REQUESTS per run.
 LUA = """
 local f = io.open(os.getenv("WRK_BODY"), "rb"); wrk.body = f:read("*a"); f:close()
 wrk.method = "POST"; wrk.headers["Content-Type"] = os.getenv("WRK_CONTENT_TYPE")
@@ -70,8 +72,10 @@ local n = os.getenv("WRK_JSON_LENGTH"); if n ~= "" then wrk.headers["Inference-H
 local threads = {}
 function setup(thread) table.insert(threads, thread) end
 function init(args) ok = 0; other = 0; last_other = 0 end
+local cap = tonumber(os.getenv("WRK_MAX_REQUESTS_PER_THREAD"))
 function response(status, headers, body)
   if status == 200 then ok = ok + 1 else other = other + 1; last_other = status end
+  if ok + other >= cap then wrk.thread:stop() end
 end
 function done(summary, latency, requests)
   local total_ok, total_other, status = 0, 0, 0
@@ -325,7 +329,8 @@ def wrk(url: str, request: Request, concurrency: int, seconds: int, lua: Path, b
                "--timeout", "10s", "-s", str(lua), url]
     output = subprocess.run(command, capture_output=True, text=True, check=True, timeout=seconds + 60, env={
         "WRK_BODY": str(body), "WRK_CONTENT_TYPE": request.content_type, "PATH": "/usr/bin:/bin",
-        "WRK_JSON_LENGTH": request.headers.get("Inference-Header-Content-Length", "")}).stdout
+        "WRK_JSON_LENGTH": request.headers.get("Inference-Header-Content-Length", ""),
+        "WRK_MAX_REQUESTS_PER_THREAD": str(MAX_REQUESTS // min(2, concurrency))}).stdout
     statuses = re.search(r"statuses: 200=(\d+) other=(\d+) last_other=(\d+)", output)
     if "Latency Distribution" not in output or statuses is None:
         raise RuntimeError(f"unexpected wrk output:\n{output}")
@@ -366,6 +371,9 @@ def measure(server: Server, expected: dict, seconds: int, scratch: Path, lua: Pa
             if row["other"] or row["socket_errors"] or not row["ok"]:
                 raise AssertionError(f"{server.label} at {concurrency} clients: {row['other']} answers not 200 "
                                      f"(last {row['last_other']}), {row['socket_errors']} socket errors")
+            if row["ok"] + row["other"] >= MAX_REQUESTS:  # wrk's rate counts the whole duration
+                raise AssertionError(f"{server.label} at {concurrency} clients reached {MAX_REQUESTS} requests "
+                                     "before the run's end: a shorter --seconds measures it")
             rows[concurrency] = row
         worst = max(worst, check_answer(server, running.url, expected))
     finally:
