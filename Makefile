@@ -18,6 +18,7 @@
 #   make bench-serve-sweep     serving settings (workers x batchSize x maxBatchDelay) measured side by side
 #   make fuzz                  coverage-guided fuzzing of image decoding (atheris), FUZZ_SECONDS=120
 #   make profile-serve         where a worker's time goes under load (py-spy; ARCHIVE=NAME-int8, noop, ...)
+#   make bench-peers           the kit's engines against LitServe, BentoML, Ray Serve, Triton (BENCH_SECONDS, ROUNDS)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -179,6 +180,22 @@ bench-serve-sweep: venv java wrk
 
 profile-serve: venv java wrk
 	$(PY) bench/profile_serve.py --name $(NAME) $(if $(ARCHIVE),--archive $(ARCHIVE))
+
+# The serving frameworks users compare the kit with, in a venv of their own (their pins conflict with
+# the kit's), rebuilt when bench/peers/requirements.txt changes. bench-peers loads each of them, a plain
+# ASGI app and the kit's two engines, the same archive behind each (docs/benchmarks-peers.md).
+PEERS_VENV := .venv-peers
+BENCH_SECONDS ?= 10
+ROUNDS ?= 2
+.PHONY: bench-peers
+
+$(PEERS_VENV)/.installed: bench/peers/requirements.txt
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install --quiet -r bench/peers/requirements.txt
+	touch $@
+
+bench-peers: venv java wrk $(PEERS_VENV)/.installed
+	$(PY) bench/peers/run.py --name $(NAME) --seconds $(BENCH_SECONDS) --rounds $(ROUNDS)
 
 # Found inputs land in tests/fuzz_corpus/ (replayed by make test); bounded by FUZZ_SECONDS.
 FUZZ_SECONDS ?= 120
