@@ -26,7 +26,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from handlers.archive import read_archive  # noqa: E402
-from handlers.pipeline import classify_batch_json, load_classifier  # noqa: E402
+from handlers.contract import predictions_json  # noqa: E402
+from handlers.pipeline import load_classifier  # noqa: E402
 
 Answer = tuple[int, str]  # (HTTP status, JSON text)
 
@@ -57,7 +58,7 @@ def load(settings: Settings | None = None) -> Callable[[list[bytes]], list[Answe
                                  settings.workers, None)
 
     def classify(images: list[bytes]) -> list[Answer]:
-        outcome = classify_batch_json([{"body": image} for image in images], classifier)
+        outcome = predictions_json([{"body": image} for image in images], classifier)
         return [(200, entry) if isinstance(entry, str)
                 else (getattr(entry, "status", 400), json.dumps({"error": str(entry)})) for entry in outcome]
 

@@ -51,9 +51,10 @@ import harness  # noqa: E402
 import oip_engines  # noqa: E402
 from serve_load import parse_duration_ms  # noqa: E402
 
-from export.run import load_run_data  # noqa: E402
+from export.data import load_run_data  # noqa: E402
 from handlers.archive import read_archive  # noqa: E402
-from handlers.pipeline import classify_batch_json, load_classifier  # noqa: E402
+from handlers.contract import predictions_json  # noqa: E402
+from handlers.pipeline import load_classifier  # noqa: E402
 from training.samples import save_png  # noqa: E402
 
 PEERS_PYTHON = ROOT / ".venv-peers" / "bin" / "python"
@@ -388,7 +389,7 @@ def kit_answer(archive_path: Path, image: bytes, scratch: Path) -> dict:
     archive = read_archive(archive_path)
     classifier = load_classifier(archive.unpack(scratch / "kit-model"),
                                  dataclasses.replace(archive.settings, threads=THREADS), 1, None)
-    return json.loads(classify_batch_json([{"body": image}], classifier)[0])
+    return json.loads(predictions_json([{"body": image}], classifier)[0])
 
 
 def processor() -> str:
