@@ -37,12 +37,12 @@ class Client:
         self.host, port = url.removeprefix("http://").split(":")
         self.port, self.timeout, self.connection = int(port), timeout, None
 
-    def post(self, path: str, body: bytes, content_type: str) -> tuple[int, bytes]:
+    def post(self, path: str, body: bytes, content_type: str, headers: dict | None = None) -> tuple[int, bytes]:
         for attempt in (1, 2):
             if self.connection is None:
                 self.connection = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
             try:
-                self.connection.request("POST", path, body, {"Content-Type": content_type})
+                self.connection.request("POST", path, body, {"Content-Type": content_type, **(headers or {})})
                 response = self.connection.getresponse()
                 payload = response.read()
                 if response.getheader("connection", "").lower() == "close":
@@ -100,23 +100,25 @@ def hostile_inputs(huge_jpeg: bytes) -> list[tuple[str, bytes, str]]:
     return cases
 
 
-def run_load(server, jobs: list, clients: int, deadline_s: float, on_progress=None) -> list:
-    """Sends every job (name, body, content type) from `clients` threads; returns (job index, status, body)."""
+def run_load(server, jobs: list, clients: int, deadline_s: float, on_progress=None,
+             path: str = f"/predictions/{MODEL}", url: str | None = None) -> list:
+    """Sends every job (name, body, content type[, headers]) from `clients` threads to `path`; returns
+    (job index, status, body)."""
     results: list = [None] * len(jobs)
     position = iter(range(len(jobs)))
     lock, done = threading.Lock(), [0]
     started = time.monotonic()
 
     def work():
-        client = Client(server.inference)
+        client = Client(url or server.inference)
         try:
             while time.monotonic() - started < deadline_s:
                 with lock:
                     index = next(position, None)
                 if index is None:
                     return
-                _, body, kind = jobs[index]
-                status, payload = client.post(f"/predictions/{MODEL}", body, kind)
+                _, body, kind, *headers = jobs[index]
+                status, payload = client.post(path, body, kind, *headers)
                 results[index] = (index, status, payload)
                 with lock:
                     done[0] += 1
@@ -182,6 +184,82 @@ def test_20000_requests_at_32_clients_a_tenth_hostile_lose_nothing(lone_server, 
     print(f"\n20,000 requests ({sum(e is None for e in expected)} hostile, {forms} good ones typed as forms) in "
           f"{seconds:.1f} s: {dict(statuses)}; "
           f"workers' memory {memory[2_000]:.0f} MB after the first tenth, {memory[20_000]:.0f} MB at the end")
+
+
+def oip_job(name: str, image: bytes) -> tuple[str, bytes, str, dict]:
+    """One image as an Open Inference Protocol request in the binary tensor extension (tritonclient's form),
+    asking for JSON outputs."""
+    data = len(image).to_bytes(4, "little") + image
+    header = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                                     "parameters": {"binary_data_size": len(data)}}],
+                         "outputs": [{"name": "probabilities", "parameters": {"binary_data": False}}]}).encode()
+    return name, header + data, "application/octet-stream", {"Inference-Header-Content-Length": str(len(header))}
+
+
+def truncated_oip_job() -> tuple[str, bytes, str, dict]:
+    """A binary request whose JSON promises more image bytes than follow it."""
+    name, body, kind, headers = oip_job("a length past the body", b"\x89PNG" * 20)
+    return name, body[:-40], kind, headers
+
+
+def test_20000_oip_requests_at_32_clients_a_tenth_hostile_lose_nothing_on_the_batched_kserve_path(
+        exported, tmp_path, served_images, huge_jpeg):
+    """The same load on KServe's ModelServer with the kit's adaptive batcher (2 processes, as make
+    serve-kserve runs it): hostile images and malformed protocol bodies among good requests that share
+    forward passes. No 5xx, every good request answered right, the processes' memory steady."""
+    _, model_store = exported
+    store = tmp_path / "store"
+    store.mkdir()
+    shutil.copy(model_store / f"{MODEL}.mar", store)
+    server = harness.start_kserve(store, tmp_path / "kserve", [MODEL], extra_args=("--workers", "2"))
+    try:
+        pngs, probabilities, class_names = served_images
+        hostile = [oip_job(name, body) for name, body, _ in hostile_inputs(huge_jpeg)]
+        hostile += [("not JSON", b"{not json", "application/json"),
+                    ("no inputs", b'{"inputs": []}', "application/json"),
+                    truncated_oip_job()]
+        rng = np.random.default_rng(0)
+        jobs, expected = [], []
+        for _ in range(20_000):
+            if rng.random() < 0.1:
+                jobs.append(hostile[rng.integers(len(hostile))])
+                expected.append(None)
+            else:
+                image = int(rng.integers(len(pngs)))
+                jobs.append(oip_job(f"test image {image}", pngs[image]))
+                expected.append(image)
+        pids = sorted(harness.descendants(server.process.pid) | {server.process.pid})
+        memory = {}
+
+        def sample(count: int) -> None:
+            if count in (2_000, 20_000):
+                memory[count] = rss_mb(pids)
+
+        started = time.monotonic()
+        results = run_load(None, jobs, clients=32, deadline_s=600, on_progress=sample,
+                           path=f"/v2/models/{MODEL}/infer", url=server.http)
+        seconds = time.monotonic() - started
+        assert all(result is not None for result in results), "the time bound ran out"
+        statuses = Counter(status for _, status, _ in results)
+        assert not [s for s in statuses if s >= 500], statuses
+        wrong = []
+        for (index, status, payload), image in zip(results, expected):
+            if image is None:
+                if jobs[index][0].split(" ")[0] != "fuzz" and status != 400:  # a fuzzer's find may be an image
+                    wrong.append((jobs[index][0], status, payload[:200]))
+                continue
+            answer = json.loads(payload) if status == 200 else None
+            if answer is None or np.abs(np.float64(answer["outputs"][0]["data"]) - probabilities[image]).max() > 1e-4:
+                wrong.append((jobs[index][0], status, payload[:200]))
+        assert wrong == [], wrong[:5]  # every good request answered right, every hostile one a 400
+        assert sorted(harness.descendants(server.process.pid) | {server.process.pid}) == pids  # none died
+        growth = memory[20_000] / memory[2_000] - 1
+        assert abs(growth) <= 0.10, memory
+        print(f"\n20,000 OIP requests ({sum(e is None for e in expected)} hostile) on the batched KServe path in "
+              f"{seconds:.1f} s: {dict(statuses)}; processes' memory {memory[2_000]:.0f} MB after the first "
+              f"tenth, {memory[20_000]:.0f} MB at the end")
+    finally:
+        server.stop()
 
 
 def test_a_burst_of_64_huge_jpegs_adds_at_most_128_mb(lone_server, huge_jpeg, served_images):
