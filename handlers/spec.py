@@ -124,7 +124,8 @@ class Spec:
         if record.get("num_classes", spec.num_classes) != spec.num_classes:
             raise UserError(f"{source}: num_classes {record['num_classes']} but {spec.num_classes} class names")
         fit, fraction = spec.input.fit, spec.input.crop_fraction
-        if fit not in FITS or (fit == "crop") != (fraction is not None) or not 0 < (fraction or 1) <= 1:
+        fits = fraction is None if fit != "crop" else fraction is not None and 0 < fraction <= 1
+        if fit not in FITS or not fits:
             raise UserError(f"{source}: input fit {fit!r} with crop_fraction {fraction!r}: expected "
                             "fit 'stretch' (no crop_fraction) or 'crop' with a crop_fraction in (0, 1]")
         if not len(spec.mean) == len(spec.std) == spec.input.channels:
