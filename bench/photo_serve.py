@@ -3,7 +3,7 @@
 
 Steps (in --work, a temporary folder unless given; a given one keeps its photos, run and archives, so a
 second run only measures):
-  1. photos: 3 classes x --per-class photo-like JPEGs of mixed sizes around 500x375 (bench/photo_folder.py)
+  1. photos: 3 classes x --per-class (100) photo-like JPEGs of mixed sizes around 500x375 (bench/photo_folder.py)
   2. python -m training --model torchvision.models:resnet18 (the ImageNet layout, 1.8 GFLOPs at 224; the
      registry's resnet18 has a stem for small images) --image-size 224 --resize crop --augment crop+flip --epochs 1
   3. python -m export (parity gate on the run's own test split; archives with the kit's defaults)
@@ -53,7 +53,8 @@ CLASSES = len(photo_folder.CLASSES)
 
 def run(command: list[str]) -> None:
     print("+ " + " ".join(command), flush=True)
-    subprocess.run(command, cwd=ROOT, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}).returncode:
+        raise SystemExit(f"error: {' '.join(command[1:4])} ... failed (its message is above)")
 
 
 def prepare(work: Path, per_class: int, train_args: list[str]) -> None:
@@ -67,6 +68,7 @@ def prepare(work: Path, per_class: int, train_args: list[str]) -> None:
         run([python, "-m", "training", "--dataset", f"folder:{photos}", "--name", NAME,
              "--model", "torchvision.models:resnet18", "--model-args", json.dumps({"num_classes": CLASSES}),
              "--image-size", "224", "--resize", "crop", "--augment", "crop+flip", "--epochs", "1",
+             "--test-fraction", "0.25",  # at least 64 test photos: the parity gate's minimum
              "--batch-size", "32", "--lr", "0.02", "--artifacts-dir", str(artifacts), *train_args])
     if not (store / f"{NAME}.mar").is_file():
         run([python, "-m", "export", "--name", NAME, "--artifacts-dir", str(artifacts), "--model-store", str(store)])
