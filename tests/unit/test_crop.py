@@ -164,3 +164,19 @@ def test_resize_crop_on_a_built_in_data_set_is_one_line(tmp_path):
                      str(tmp_path / "art"), "--epochs", "1", "--no-download", cwd=tmp_path)
     assert_one_line_error(result, "--resize crop applies to folder: data sets only")
     assert not (tmp_path / "art").exists()
+
+
+def test_a_crop_run_records_the_crop_and_trains_on_random_resized_crops(tmp_path, photos):
+    from helpers import tiny_config
+
+    from training.run import train
+
+    config = tiny_config(tmp_path / "art", name="photos", dataset=f"folder:{photos}", image_size=32,
+                         resize="crop", crop_fraction=0.8, augment="crop+flip", test_fraction=0.25, val_fraction=0.2,
+                         train_limit=None, batch_size=8)
+    metrics = train(config)
+    spec = Spec.read(tmp_path / "art" / "photos" / "spec.json")
+    assert (spec.input.fit, spec.input.crop_fraction, spec.input.size) == ("crop", 0.8, (3, 32, 32))
+    saved = json.loads((tmp_path / "art" / "photos" / "train_config.json").read_text())
+    assert (saved["resize"], saved["crop_fraction"]) == ("crop", 0.8)
+    assert metrics["split_sizes"]["test"] == 6 and 0 <= metrics["test_accuracy"] <= 1
