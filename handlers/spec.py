@@ -73,6 +73,8 @@ class Spec:
         """The JSON form, key order as written since format 1."""
         record = dataclasses.asdict(self)
         record["input"]["background"] = list(self.input.background)
+        if self.input.fit == "stretch":  # the default: a stretched model's record reads as before the crop existed
+            del record["input"]["fit"], record["input"]["crop_fraction"]
         fields = {**record, "class_names": list(self.class_names), "mean": list(self.mean), "std": list(self.std),
                   "frozen": list(self.frozen)}
         ordered = {"format": FORMAT, "name": self.name, "arch": self.arch, "arch_args": self.arch_args,
