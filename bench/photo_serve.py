@@ -9,11 +9,13 @@ second run only measures):
   3. python -m export (parity gate on the run's own test split; archives with the kit's defaults)
   4. TorchServe (tests/harness.py) serves the ONNX Runtime archive; one test photo's answer is checked
      against the in-process model on the tensor training evaluated for that photo;
-  5. wrk POSTs that JPEG at 1, 8 and 32 clients (bench/serve_load.py's wrk runner), and, in the same
-     process, ONNX Runtime runs the same model.onnx on all cores at the served batch size, and the
-     served pipeline's own decoding (JPEG -> crop -> normalized tensor) runs on one core.
-It prints requests/s and p50/p99 per concurrency, the in-process figures, and what the serving path
-costs: served images/s as a share of in-process, and the latency it adds at 1 client.
+  5. wrk POSTs that JPEG at 1, 8 and 32 clients (bench/serve_load.py's wrk runner); right after each wrk
+     run, in this process, ONNX Runtime runs the same model.onnx on all cores at the served batch size;
+     then one image's forward pass on a worker's threads, and the served decoding (JPEG -> crop ->
+     normalized tensor).
+It prints requests/s and p50/p99 per concurrency beside the in-process images/s measured next to it,
+and what the serving path costs: served / in-process throughput, and the latency it adds at 1 client
+(served p50 minus decoding and forward pass).
 
 Needs wrk (Debian package) and Java 17 (TorchServe). Run: make bench-photo  (SECONDS=5 per wrk run)
 """
@@ -43,7 +45,14 @@ import serve_load  # noqa: E402
 from export.data import load_run_data  # noqa: E402
 from export.parity import onnxruntime_runner  # noqa: E402
 from handlers.archive import read_archive  # noqa: E402
-from handlers.pipeline import Classifier, image_pixels, normalized_batch, softmax  # noqa: E402
+from handlers.pipeline import (  # noqa: E402
+    Classifier,
+    image_pixels,
+    normalized_batch,
+    onnxruntime_backend,
+    softmax,
+    threads_per_worker,
+)
 from handlers.spec import Spec  # noqa: E402
 from training.loop import normalize, per_channel  # noqa: E402
 
@@ -74,20 +83,22 @@ def prepare(work: Path, per_class: int, train_args: list[str]) -> None:
         run([python, "-m", "export", "--name", NAME, "--artifacts-dir", str(artifacts), "--model-store", str(store)])
 
 
-def in_process_model(model_file: Path, image: np.ndarray, batch_size: int, seconds: float) -> tuple[float, float]:
-    """(images/s at `batch_size`, ms for one image alone) of ONNX Runtime on all cores."""
-    rate = serve_load.in_process_onnxruntime(model_file, image, batch_size, seconds)
-    single = onnxruntime_runner(model_file)
-    one = image[None]
-    timings = []
+def in_process_rate(model_file: Path, image: np.ndarray, batch_size: int, seconds: float) -> float:
+    """Images/s of ONNX Runtime on all cores at `batch_size` (bench/serve_load.py's ceiling)."""
+    return serve_load.in_process_onnxruntime(model_file, image, batch_size, seconds)
+
+
+def in_process_latency_ms(model_file: Path, image: np.ndarray, threads: int, seconds: float) -> float:
+    """Median ms of one image's forward pass, on a session set up as a served worker's (its threads)."""
+    infer, _ = onnxruntime_backend(model_file, threads, None)
     for _ in range(5):
-        single(one)
-    deadline = time.perf_counter() + seconds / 2
+        infer(image[None])
+    timings, deadline = [], time.perf_counter() + seconds
     while time.perf_counter() < deadline:
         started = time.perf_counter()
-        single(one)
+        infer(image[None])
         timings.append(time.perf_counter() - started)
-    return rate, 1e3 * statistics.median(timings)
+    return 1e3 * statistics.median(timings)
 
 
 def in_process_decoding(body: bytes, classifier: Classifier, seconds: float) -> float:
@@ -146,45 +157,50 @@ def measure(work: Path, args, scratch: Path) -> None:
                                    serving / "photo.jpg", "image/jpeg")
         serve_load.wrk(target, 8, 1, script)  # warm-up
         runs: dict[int, list[dict]] = {}
+        model_rates: dict[int, list[float]] = {}  # in-process, measured right after each wrk run
         for _ in range(args.rounds):
             for concurrency in serve_load.CONCURRENCY:
                 runs.setdefault(concurrency, []).append(serve_load.wrk(target, concurrency, args.seconds, script))
+                model_rates.setdefault(concurrency, []).append(in_process_rate(
+                    out_dir / "model.onnx", evaluated, served_config["batchSize"], args.seconds / 2))
     finally:
         server.stop()
-    model_rate, single_ms = in_process_model(out_dir / "model.onnx", evaluated, served_config["batchSize"],
-                                             args.seconds)
+    threads = threads_per_worker(served_config["minWorkers"], 0)
+    single_ms = in_process_latency_ms(out_dir / "model.onnx", evaluated, threads, args.seconds / 2)
     decode_ms = in_process_decoding(body, classifier, args.seconds / 2)
     results = {c: serve_load.median_rows(rows) for c, rows in runs.items()}
-    report(spec, served_config, args, photo, results, runs, model_rate, single_ms, decode_ms, difference)
+    rates = {c: statistics.median(values) for c, values in model_rates.items()}
+    report(spec, served_config, args, photo, results, runs, rates, (threads, single_ms), decode_ms, difference)
 
 
-def report(spec, served_config, args, photo, results, runs, model_rate, single_ms, decode_ms, difference) -> None:
+def report(spec, served_config, args, photo, results, runs, rates, single, decode_ms, difference) -> None:
     import torch
     from PIL import Image
 
     size = "x".join(map(str, spec.input.size))
     width, height = Image.open(photo).size
+    batch = served_config["batchSize"]
     print(f"machine: {torch.get_num_threads()} cores; {spec.arch} {size}, input fit {spec.input.fit} "
-          f"{spec.input.crop_fraction}; served workers {served_config['minWorkers']}, batchSize "
-          f"{served_config['batchSize']}, maxBatchDelay {served_config['maxBatchDelay']} ms; body: a "
-          f"{width}x{height} JPEG of {photo.stat().st_size:,} bytes; wrk {args.seconds} s per run, "
-          f"median of {args.rounds} round(s)")
+          f"{spec.input.crop_fraction}; served workers {served_config['minWorkers']}, batchSize {batch}, "
+          f"maxBatchDelay {served_config['maxBatchDelay']} ms; body: a {width}x{height} JPEG of "
+          f"{photo.stat().st_size:,} bytes; wrk {args.seconds} s per run, median of {args.rounds} round(s)")
     print(f"served answer = in-process model on the tensor training evaluated (max |dprob| {difference:.1e})")
-    print(f"{'clients':>7}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}{'of in-process':>15}")
+    print(f"{'clients':>7}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"
+          f"{'in-process img/s':>18}{'served/in-process':>19}")
     for concurrency, row in results.items():
         errors = sum(r["errors"] for r in runs[concurrency])
         print(f"{concurrency:>7}{row['requests_per_second']:>9.1f}{row['p50_ms']:>9.1f}{row['p99_ms']:>9.1f}"
-              f"{errors:>8}{row['requests_per_second'] / model_rate:>15.0%}")
-    print(f"in-process ONNX Runtime, all cores: {model_rate:.1f} images/s at batch {served_config['batchSize']}; "
-          f"{single_ms:.1f} ms for one image; the served decoding (JPEG -> crop -> tensor) {decode_ms:.1f} ms "
-          "per image on one core")
+              f"{errors:>8}{rates[concurrency]:>18.1f}{row['requests_per_second'] / rates[concurrency]:>18.2f}x")
+    threads, single_ms = single
+    print(f"in-process: ONNX Runtime on all cores at batch {batch}, measured right after each wrk run; one image's "
+          f"forward pass on {threads} thread(s) (a worker's) {single_ms:.1f} ms; the served decoding "
+          f"(JPEG -> crop -> tensor) {decode_ms:.1f} ms per image")
     top = max(results)
-    added = results[1]["p50_ms"] - single_ms - decode_ms if 1 in results else float("nan")
-    print(json.dumps({f"serving_share_at_{top}": round(results[top]["requests_per_second"] / model_rate, 3),
-                      "added_ms_at_1": round(added, 2)}))
-    print(f"the serving path costs {1 - results[top]['requests_per_second'] / model_rate:.0%} of in-process "
-          f"throughput at {top} clients, and adds {added:.1f} ms to one image's {single_ms + decode_ms:.1f} ms "
-          "(decoding + forward pass) at 1 client")
+    share = results[top]["requests_per_second"] / rates[top]
+    added = results[1]["p50_ms"] - single_ms - decode_ms
+    print(json.dumps({f"served_over_in_process_at_{top}": round(share, 3), "added_ms_at_1": round(added, 2)}))
+    print(f"the serving path: {share:.2f}x in-process throughput at {top} clients; at 1 client it adds "
+          f"{added:.1f} ms to one image's {single_ms + decode_ms:.1f} ms (decoding + forward pass)")
 
 
 if __name__ == "__main__":
