@@ -16,6 +16,7 @@
 #   make image-size            the serving image's size
 #   make bench                 all benchmarks (bench-train, bench-export, bench-serve)
 #   make bench-serve-sweep     serving settings (workers x batchSize x maxBatchDelay) measured side by side
+#   make bench-photo           ResNet-18 on 224x224 JPEG photos (--resize crop): TorchServe vs in-process, BENCH_ARGS=...
 #   make fuzz                  coverage-guided fuzzing of image decoding (atheris), FUZZ_SECONDS=120
 #   make profile-serve         where a worker's time goes under load (py-spy; ARCHIVE=NAME-int8, noop, ...)
 #   make bench-peers           the kit's engines against LitServe, BentoML, Ray Serve, Triton (BENCH_SECONDS, ROUNDS)
@@ -36,7 +37,7 @@ MODEL_NAME ?= $(NAME)
 MODEL_STORE ?= model_store
 
 .PHONY: venv data java browser train export serve serve-kserve kserve-store samples predict demo report test \
-        docker-offline image-size bench bench-train bench-export bench-serve bench-serve-sweep profile-serve wrk \
+        docker-offline image-size bench bench-train bench-export bench-serve bench-serve-sweep bench-photo profile-serve wrk \
         fuzz lint clean help
 
 help:
@@ -177,6 +178,11 @@ bench-serve: venv java wrk
 
 bench-serve-sweep: venv java wrk
 	$(PY) bench/serve_sweep.py --name $(NAME)
+
+# Generates its photos, trains and exports in a temporary folder (BENCH_ARGS='--work DIR' keeps them).
+BENCH_ARGS ?=
+bench-photo: venv java wrk
+	$(PY) bench/photo_serve.py $(BENCH_ARGS)
 
 profile-serve: venv java wrk
 	$(PY) bench/profile_serve.py --name $(NAME) $(if $(ARCHIVE),--archive $(ARCHIVE))

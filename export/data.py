@@ -27,7 +27,8 @@ def load_run_data(out_dir: Path) -> RunData:
     run = json.loads(config_path.read_text())
     try:
         data = datasets.load(run["dataset"], Path(run["data_dir"]), run["val_fraction"], run["test_fraction"],
-                             run["seed"], run["image_size"], run["max_memory_mb"], run["workers"], download=False)
+                             run["seed"], run["image_size"], run["max_memory_mb"], run["workers"], download=False,
+                             resize=run.get("resize", "stretch"), crop_fraction=run.get("crop_fraction"))
     except UserError as error:
         raise UserError(f"the parity gate needs the test images of {run['dataset']}: {error}") from None
     return RunData(data, run)

@@ -1,7 +1,9 @@
 """Image bytes -> uint8 pixels at the model's size (decode, orient, convert, resize), and `normalize`.
 
-`open_image` + `to_pixels` take any image Pillow reads; `png_pixels_at_size` is the fast path for a
-plain PNG already at the model's size, with exactly their pixels. `normalize` is training's float32
+`open_image` + `to_pixels` take any image Pillow reads, stretched to the model's size or (`fit="crop"`)
+resized by the shorter side and centre-cropped as torchvision's Resize + CenterCrop and timm's `crop_pct`
+do (`crop_geometry`); `png_pixels_at_size` is the fast path for a plain PNG already at the model's size,
+with exactly their pixels where no crop changes them. `normalize` is training's float32
 arithmetic; the served path looks its values up in a table `normalize` computes (handlers/pipeline.py).
 A refused image raises handlers.errors.ClientError with its HTTP status (400, or 413 when too large).
 Plain Pillow and NumPy, no TorchServe: the same functions run inside a .mar, in unit tests and
@@ -11,6 +13,7 @@ in training's `folder:` loader, so serving sees exactly the pixels training saw.
 from __future__ import annotations
 
 import io
+import math
 import struct
 import zlib
 
@@ -92,18 +95,54 @@ def reduce_early(image: Image.Image, height: int, width: int) -> tuple[Image.Ima
     return reduced, region
 
 
+def crop_geometry(image_width: int, image_height: int, height: int, width: int,
+                  crop_fraction: float) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The size an image is resized to, keeping its aspect ratio, and the top-left corner of the centre
+    crop of (height, width) in it: ((resized width, resized height), (left, top)).
+
+    As timm's eval transform: the resized image covers floor(height / crop_fraction) x
+    floor(width / crop_fraction), the side that limits the scale exactly and the other truncated to
+    an int (for a square model that is torchvision's Resize(shorter side)); the crop's offsets are
+    torchvision CenterCrop's, int(round((resized - crop) / 2)).
+    """
+    box_height, box_width = math.floor(height / crop_fraction), math.floor(width / crop_fraction)
+    if box_height * image_width >= box_width * image_height:  # the height limits the scale
+        resized = (int(box_height * image_width / image_height), box_height)
+    else:
+        resized = (box_width, int(box_width * image_height / image_width))
+    corner = (int(round((resized[0] - width) / 2.0)), int(round((resized[1] - height) / 2.0)))
+    return resized, corner
+
+
+# A crop's full resize is made (exactly torchvision's pixels) unless it would hold more than this many
+# times the crop's pixels: an image of extreme aspect ratio (a 1 x 10,000 strip scales to 256 x
+# 2,560,000) then has only the crop's window resized, with values within one level of the full resize.
+CROP_MAX_STRETCH = 16
+
+
+def crop_window(image: Image.Image, region: tuple[float, ...] | None, resized: tuple[int, int], left: int,
+                top: int, height: int, width: int) -> tuple[float, float, float, float]:
+    """The part of `image` (within `region`, where it is a reduced image) that the crop takes."""
+    x0, y0, x1, y1 = region if region is not None else (0.0, 0.0, float(image.width), float(image.height))
+    sx, sy = (x1 - x0) / resized[0], (y1 - y0) / resized[1]
+    return (x0 + left * sx, y0 + top * sy, x0 + (left + width) * sx, y0 + (top + height) * sy)
+
+
 def to_pixels(image: Image.Image, channels: int, height: int, width: int,
-              background: tuple[int, int, int]) -> np.ndarray:
+              background: tuple[int, int, int], fit: str = "stretch",
+              crop_fraction: float | None = None) -> np.ndarray:
     """A decoded image -> uint8 array (channels, height, width), as the model was trained on.
 
     EXIF orientation is applied; transparency is composited onto `background` (an RGB triple
-    from the spec); the size is changed with bilinear resampling, without keeping the aspect ratio
-    (images far larger than that are box-reduced first: `reduce_early`). Each intermediate image is
-    dropped as soon as the next exists.
+    from the spec); the size is changed with bilinear resampling (images far larger than the model's
+    input are box-reduced first: `reduce_early`): with `fit="stretch"` to (height, width) without
+    keeping the aspect ratio, with `fit="crop"` keeping it, by `crop_geometry`, then cropped to the
+    centre (height, width). Each intermediate image is dropped as soon as the next exists.
     """
     orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
     if orientation in ORIENTATIONS:
         image = image.transpose(ORIENTATIONS[orientation])
+    upright_size = image.size  # what a crop's geometry is computed from, before any reduction
     image, region = reduce_early(image, height, width)
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey: scale, don't clip
         grey = (np.asarray(image, dtype=np.float64) / 257.0).clip(0, 255).astype(np.uint8)
@@ -114,8 +153,16 @@ def to_pixels(image: Image.Image, channels: int, height: int, width: int,
     mode = "L" if channels == 1 else "RGB"
     if image.mode != mode:
         image = image.convert(mode)
-    if image.size != (width, height) or region is not None:
-        image = image.resize((width, height), Image.Resampling.BILINEAR, box=region)
+    resized, left, top = (width, height), 0, 0
+    if fit == "crop":
+        resized, (left, top) = crop_geometry(*upright_size, height, width, crop_fraction)
+        if resized[0] * resized[1] > CROP_MAX_STRETCH * width * height:  # a very long strip: only its centre
+            region = crop_window(image, region, resized, left, top, height, width)
+            resized, left, top = (width, height), 0, 0
+    if image.size != resized or region is not None:
+        image = image.resize(resized, Image.Resampling.BILINEAR, box=region)
+    if image.size != (width, height):
+        image = image.crop((left, top, left + width, top + height))
     pixels = np.frombuffer(image.tobytes(), dtype=np.uint8).reshape(height, width, channels)
     return pixels.transpose(2, 0, 1)
 

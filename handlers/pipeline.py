@@ -89,16 +89,19 @@ def load_classifier(model_dir: Path, settings: HandlerSettings, workers: int, gp
 # ---------------------------------------------------------------------------- the steps
 
 def image_pixels(image_bytes: bytes, classifier: Classifier) -> np.ndarray:
-    """Image bytes -> uint8 (C, H, W) at the model's size: the PNG fast path, else the general one."""
+    """Image bytes -> uint8 (C, H, W) at the model's size: the PNG fast path, else the general one.
+
+    The fast path takes an image already at the model's size, which a stretch leaves as it is, and
+    so does a crop that keeps all of it (crop_fraction 1); any other crop resizes it first."""
     shape = classifier.spec.input
     channels, height, width = shape.size
-    if height * width <= classifier.max_pixels:
+    if height * width <= classifier.max_pixels and (shape.fit == "stretch" or shape.crop_fraction == 1):
         pixels = png_pixels_at_size(image_bytes, channels, height, width)
         if pixels is not None:
             return pixels
     image = open_image(image_bytes, classifier.max_pixels, (width, height))
     try:
-        return to_pixels(image, channels, height, width, shape.background)
+        return to_pixels(image, channels, height, width, shape.background, shape.fit, shape.crop_fraction)
     except (ClientError, MemoryError):
         raise
     except Exception as error:  # e.g. malformed EXIF that Pillow parses only now

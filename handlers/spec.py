@@ -22,18 +22,24 @@ from handlers.errors import UserError
 
 FORMAT = "image-classifier-spec/1"
 FORMAT_FAMILY = FORMAT.rsplit("/", 1)[0]
+FITS = ("stretch", "crop")  # how an image's size becomes the model's (InputShape.fit)
 
 
 @dataclass(frozen=True)
 class InputShape:
-    """What the model takes: channels x height x width, how images are resized to it, and the
-    colour a transparent image is flattened onto (one value per channel, 0-255)."""
+    """What the model takes: channels x height x width, the resampling filter (`resize`), the colour a
+    transparent image is flattened onto (one value per channel, 0-255), and how the image's size
+    becomes the model's: `fit` "stretch" resizes to height x width, aspect ratio not kept; "crop"
+    resizes the shorter side to floor(side / crop_fraction) and takes the centre height x width
+    (torchvision's Resize + CenterCrop, timm's crop_pct)."""
 
     channels: int
     height: int
     width: int
     resize: str = "bilinear"
     background: tuple[int, ...] = (0,)
+    fit: str = "stretch"
+    crop_fraction: float | None = None  # with fit "crop": in (0, 1]
 
     @property
     def size(self) -> tuple[int, int, int]:
@@ -67,6 +73,8 @@ class Spec:
         """The JSON form, key order as written since format 1."""
         record = dataclasses.asdict(self)
         record["input"]["background"] = list(self.input.background)
+        if self.input.fit == "stretch":  # the default: a stretched model's record reads as before the crop existed
+            del record["input"]["fit"], record["input"]["crop_fraction"]
         fields = {**record, "class_names": list(self.class_names), "mean": list(self.mean), "std": list(self.std),
                   "frozen": list(self.frozen)}
         ordered = {"format": FORMAT, "name": self.name, "arch": self.arch, "arch_args": self.arch_args,
@@ -103,7 +111,10 @@ class Spec:
             shape = values["input"]
             values["input"] = InputShape(int(shape["channels"]), int(shape["height"]), int(shape["width"]),
                                          str(shape.get("resize", "bilinear")),
-                                         tuple(int(v) for v in shape.get("background", (0,))))
+                                         tuple(int(v) for v in shape.get("background", (0,))),
+                                         str(shape.get("fit", "stretch")),
+                                         None if shape.get("crop_fraction") is None
+                                         else float(shape["crop_fraction"]))
             values["class_names"] = tuple(str(name) for name in values["class_names"])
             values["mean"] = tuple(float(v) for v in values["mean"])
             values["std"] = tuple(float(v) for v in values["std"])
@@ -114,6 +125,11 @@ class Spec:
             raise UserError(f"{source}: a broken model spec ({detail}): export it again") from None
         if record.get("num_classes", spec.num_classes) != spec.num_classes:
             raise UserError(f"{source}: num_classes {record['num_classes']} but {spec.num_classes} class names")
+        fit, fraction = spec.input.fit, spec.input.crop_fraction
+        fits = fraction is None if fit != "crop" else fraction is not None and 0 < fraction <= 1
+        if fit not in FITS or not fits:
+            raise UserError(f"{source}: input fit {fit!r} with crop_fraction {fraction!r}: expected "
+                            "fit 'stretch' (no crop_fraction) or 'crop' with a crop_fraction in (0, 1]")
         if not len(spec.mean) == len(spec.std) == spec.input.channels:
             raise UserError(f"{source}: mean and std need one value per input channel ({spec.input.channels})")
         return spec

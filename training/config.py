@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from handlers.spec import FITS
 from training.data import BUILTIN
 from training.errors import UserError
 from training.models import ARCHITECTURES
@@ -94,6 +95,14 @@ class TrainConfig:
     image_size: int | None = option(  # None: the images' own size, or 64
         None, WHAT, "folder: only: train at SIZExSIZE (default: the images' own size when all "
                     "share one, else 64)", defines_run=True)
+    resize: str = option(
+        "stretch", WHAT, "folder: only: stretch (every image resized to the model's size, aspect ratio not "
+                         "kept) or crop (the shorter side resized to SIZE / --crop-fraction, then the centre "
+                         "SIZExSIZE: torchvision's Resize(256) + CenterCrop(224), for photos) (%(default)s)",
+        defines_run=True, choices=FITS)
+    crop_fraction: float | None = option(  # None: 0.875 (training.data.DEFAULT_CROP_FRACTION)
+        None, WHAT, "--resize crop only: the share of the resized shorter side the centre crop keeps, in "
+                    "(0, 1] (default 0.875: 224 of 256)", defines_run=True)
     # how to train
     epochs: int = option(9, HOW, "(%(default)s)", defines_run=True)  # 93.34 % test; 8: 93.08 %; 10: 93.22 %
     batch_size: int = option(
@@ -175,6 +184,10 @@ class TrainConfig:
             raise UserError("--ema-decay must be in [0, 1): 0 turns the moving average off, 0.99 is typical")
         if self.image_size is not None and not 8 <= self.image_size <= 512:
             raise UserError("--image-size must be between 8 and 512")
+        if self.crop_fraction is not None and not 0 < self.crop_fraction <= 1:
+            raise UserError(f"--crop-fraction {self.crop_fraction}: give a share in (0, 1], e.g. 0.875 (224 of 256)")
+        if self.crop_fraction is not None and self.resize != "crop":
+            raise UserError("--crop-fraction applies to --resize crop only: add --resize crop, or drop it")
         if self.train_limit is not None and self.train_limit < 2:
             raise UserError("--train-limit must be at least 2")
         if min(self.patience, self.workers, self.weight_decay, self.momentum, self.warmup_epochs) < 0:

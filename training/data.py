@@ -4,6 +4,12 @@ Every data set becomes `Data`: three `Split`s of uint8 images (N, C, H, W) and i
 plus the class names. Small data sets are held in memory (and moved to the training device
 once); a `folder:` too large for memory keeps file paths and is decoded batch by batch.
 
+A `folder:` is decoded by serving's own functions (handlers/image.py), stretched to the model's size
+or, with `--resize crop`, resized by the shorter side and centre-cropped: its validation and test
+splits exactly as serving decodes a request; its training split at the resize scale (the shorter
+side at floor(size / crop fraction), the centre square of that side), from which the training loop
+cuts random-resized or centre crops.
+
 Choices for `--dataset`:
   fashion-mnist  Debian package dataset-fashion-mnist, or torchvision's files/download in DATA_DIR
   mnist          torchvision's MNIST files in DATA_DIR/MNIST/raw (downloaded where reachable)
@@ -17,6 +23,7 @@ from __future__ import annotations
 import csv
 import functools
 import gzip
+import math
 import pickle
 from collections import Counter
 from dataclasses import dataclass, field
@@ -38,6 +45,16 @@ IDX_FILES = {  # split -> (images, labels), the names torchvision and the Debian
 BACKGROUND = (0, 0, 0)  # transparency is composited onto black: these data sets have dark backgrounds
 FOLDER_SIZE_CAP = 64  # folder images of mixed sizes, or larger than this, become 64x64
 NO_PIXEL_LIMIT = 1 << 62  # training reads trusted local files: no decompression-bomb limit
+DEFAULT_CROP_FRACTION = 0.875  # --resize crop: torchvision's Resize(256) + CenterCrop(224), timm's crop_pct
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How a folder's image files become a split's pixels: handlers.image.to_pixels at `shape`."""
+
+    shape: tuple[int, int, int]  # channels, height, width of the decoded pixels
+    fit: str = "stretch"
+    crop_fraction: float | None = None
 
 
 @dataclass
@@ -45,6 +62,7 @@ class Split:
     labels: torch.Tensor  # int64 (N,)
     images: torch.Tensor | None  # uint8 (N, C, H, W) when held in memory, else None
     files: list[Path] | None = None  # when streamed: decoded batch by batch
+    decoding: Decoding | None = None  # how `files` became (or become) `images`
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -52,7 +70,7 @@ class Split:
     def subset(self, index: torch.Tensor) -> Split:
         files = None if self.files is None else [self.files[i] for i in index.tolist()]
         images = None if self.images is None else self.images[index]
-        return Split(self.labels[index], images, files)
+        return Split(self.labels[index], images, files, self.decoding)
 
 
 @dataclass
@@ -65,6 +83,8 @@ class Data:
     test: Split
     flip_ok: bool  # whether a horizontal flip keeps the class (clothes yes, digits no)
     notes: list[str] = field(default_factory=list)  # what loading changed, said to the user
+    fit: str = "stretch"  # --resize, as the spec records it
+    crop_fraction: float | None = None  # with fit "crop"
 
 
 # ---------------------------------------------------------------------------- file formats
@@ -227,18 +247,18 @@ GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
 
 
 class FolderImages(torch.utils.data.Dataset):
-    """Decodes one file to the model's input pixels, with the same function the handler uses."""
+    """Decodes one file to pixels as `decoding` says, with the same functions the handler uses."""
 
-    def __init__(self, files: list[Path], labels: torch.Tensor, shape: tuple[int, int, int]):
-        self.files, self.labels, self.shape = files, labels, shape
+    def __init__(self, files: list[Path], labels: torch.Tensor, decoding: Decoding):
+        self.files, self.labels, self.decoding = files, labels, decoding
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        channels, height, width = self.shape
+        channels, height, width = self.decoding.shape
         image = open_image(self.files[index].read_bytes(), NO_PIXEL_LIMIT, (width, height))  # as serving decodes
-        pixels = to_pixels(image, channels, height, width, BACKGROUND)
+        pixels = to_pixels(image, channels, height, width, BACKGROUND, self.decoding.fit, self.decoding.crop_fraction)
         return torch.from_numpy(pixels.copy()), self.labels[index]
 
 
@@ -258,10 +278,10 @@ class DecodeOrError(torch.utils.data.Dataset):
             return index, str(error)
 
 
-def decode_all(files: list[Path], labels: torch.Tensor, shape, workers: int) -> torch.Tensor:
+def decode_all(files: list[Path], labels: torch.Tensor, decoding: Decoding, workers: int) -> torch.Tensor:
     """Decodes every file once (in parallel); truncated or corrupt files are a UserError."""
-    images, bad = torch.empty((len(files), *shape), dtype=torch.uint8), []
-    loader = torch.utils.data.DataLoader(DecodeOrError(FolderImages(files, labels, shape)), batch_size=64,
+    images, bad = torch.empty((len(files), *decoding.shape), dtype=torch.uint8), []
+    loader = torch.utils.data.DataLoader(DecodeOrError(FolderImages(files, labels, decoding)), batch_size=64,
                                          num_workers=workers, collate_fn=list)
     for batch in loader:
         for index, result in batch:
@@ -316,13 +336,18 @@ def split_three(images, labels, files, test_fraction, val_fraction, seed):
 
 def load(dataset: str, data_dir: Path, val_fraction: float, test_fraction: float, seed: int,
          image_size: int | None = None, max_memory_mb: int = 4096, workers: int = 2,
-         download: bool = True) -> Data:
-    """The data set named by --dataset, split into train / validation / test."""
+         download: bool = True, resize: str = "stretch", crop_fraction: float | None = None) -> Data:
+    """The data set named by --dataset, split into train / validation / test; a folder's images
+    stretched (`resize` "stretch") or resized by the shorter side and centre-cropped ("crop", keeping
+    `crop_fraction`, default DEFAULT_CROP_FRACTION)."""
     if dataset.startswith("folder:"):
+        fraction = (crop_fraction or DEFAULT_CROP_FRACTION) if resize == "crop" else None
         return load_folder(Path(dataset[len("folder:"):]).expanduser(), dataset, val_fraction,
-                           test_fraction, seed, image_size, max_memory_mb, workers)
+                           test_fraction, seed, image_size, max_memory_mb, workers, resize, fraction)
     if image_size is not None:
         raise UserError(f"--image-size applies to folder: data sets only; {dataset} has a fixed size")
+    if resize != "stretch":
+        raise UserError(f"--resize {resize} applies to folder: data sets only; {dataset} has a fixed size")
     if dataset == "mnist-5k":
         images, labels = load_mnist_5k()
         train, val, test = split_three(images, labels, None, test_fraction, val_fraction, seed)
@@ -342,24 +367,44 @@ def load(dataset: str, data_dir: Path, val_fraction: float, test_fraction: float
 
 
 def load_folder(root: Path, dataset: str, val_fraction, test_fraction, seed, image_size,
-                max_memory_mb, workers) -> Data:
+                max_memory_mb, workers, fit: str = "stretch", crop_fraction: float | None = None) -> Data:
     files, labels, class_names = scan_folder(root)
     shape, notes = folder_shape(read_headers(files), image_size)
     labels = torch.tensor(labels, dtype=torch.int64)
-    in_memory = len(files) * torch.Size(shape).numel() <= max_memory_mb * 2**20
-    images = decode_all(files, labels, shape, workers) if in_memory else None
+    served = Decoding(shape, fit, crop_fraction)  # what serving makes of a request
+    held = served
+    if fit == "crop":  # training cuts its crops from the resize scale's centre
+        channels, height, width = shape
+        scale = (channels, math.floor(height / crop_fraction), math.floor(width / crop_fraction))
+        held = Decoding(scale, "crop", 1.0)
+        notes.append(f"--resize crop: the shorter side of each image to {scale[1]}, then the centre "
+                     f"{width}x{height} (the training split is held at {scale[2]}x{scale[1]} for its crops)")
+    in_memory = len(files) * torch.Size(held.shape).numel() <= max_memory_mb * 2**20
     if not in_memory:
         notes.append(f"{len(files)} images at {shape} exceed --max-memory-mb {max_memory_mb}: "
                      "decoding them from disk every epoch")
-        decode_all_check(files, labels, shape, workers)
-    train, val, test = split_three(images, labels, files, test_fraction, val_fraction, seed)
-    return Data(dataset, class_names, shape, train, val, test, flip_ok=True, notes=notes)
+    # Every file decoded once (as it is used), so a corrupt one fails now, not in epoch 7.
+    if held == served:
+        images = decode_all(files, labels, served, workers) if in_memory else None
+        if not in_memory:
+            decode_all_check(files, labels, served, workers)
+        train, val, test = split_three(images, labels, files, test_fraction, val_fraction, seed)
+    else:
+        train, val, test = split_three(None, labels, files, test_fraction, val_fraction, seed)
+        for split, decoding in ((train, held), (val, served), (test, served)):
+            if in_memory:
+                split.images = decode_all(split.files, split.labels, decoding, workers)
+            else:
+                decode_all_check(split.files, split.labels, decoding, workers)
+    train.decoding, val.decoding, test.decoding = held, served, served
+    return Data(dataset, class_names, shape, train, val, test, flip_ok=True, notes=notes, fit=fit,
+                crop_fraction=crop_fraction)
 
 
-def decode_all_check(files, labels, shape, workers) -> None:
+def decode_all_check(files, labels, decoding: Decoding, workers) -> None:
     """Streams: decode everything once up front, so a corrupt file fails now, not in epoch 7."""
     for start in range(0, len(files), 4096):
-        decode_all(files[start:start + 4096], labels[start:start + 4096], shape, workers)
+        decode_all(files[start:start + 4096], labels[start:start + 4096], decoding, workers)
 
 
 def channel_stats(batches, channels: int) -> tuple[list[float], list[float]]:

@@ -20,7 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from training.config import TrainConfig
-from training.data import Data, FolderImages, Split
+from training.data import Data, Decoding, FolderImages, Split
 from training.distributed import SINGLE, World
 from training.errors import UserError
 from training.finetune import hold_frozen_batch_norm
@@ -62,7 +62,8 @@ def pick_autocast_dtype(precision: str, device: torch.device) -> torch.dtype | N
 def batches(split: Split, batch_size: int, device: torch.device, generator: torch.Generator | None,
             shape: tuple[int, int, int], workers: int = 2,
             world: World = SINGLE) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(uint8 images, int64 labels) batches on `device`; shuffled when a generator is given.
+    """(uint8 images, int64 labels) batches on `device`; shuffled when a generator is given. Images at
+    `shape`: a split held larger (a --resize crop training split) is cut to its centre (`centre_crop`).
 
     Training drops a last batch of one image: batch norm cannot train on a single sample. In a
     distributed run `batch_size` is the global batch: every process draws the same shuffled
@@ -80,7 +81,7 @@ def batches(split: Split, batch_size: int, device: torch.device, generator: torc
                 return
             if world.distributed:
                 index = index[world.rank * share:(world.rank + 1) * share]
-            yield split.images[index], split.labels[index]
+            yield centre_crop(split.images[index], shape), split.labels[index]
         return
     sampler, sampler_generator = None, None
     if generator is not None:  # the DataLoader shuffles on the CPU; seed it from our generator
@@ -90,13 +91,27 @@ def batches(split: Split, batch_size: int, device: torch.device, generator: torc
             sampler = torch.utils.data.DistributedSampler(
                 range(n), num_replicas=world.size, rank=world.rank, shuffle=True, seed=seed, drop_last=True)
     loader = torch.utils.data.DataLoader(
-        FolderImages(split.files, split.labels, shape), batch_size=batch_size // world.size,
+        FolderImages(split.files, split.labels, split.decoding or Decoding(shape)), batch_size=batch_size // world.size,
         shuffle=generator is not None and sampler is None, sampler=sampler, generator=sampler_generator,
         num_workers=workers, pin_memory=device.type == "cuda", drop_last=False, persistent_workers=False)
     for images, labels in loader:
         if generator is not None and len(labels) == 1 and n > 1:
             return
-        yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        yield centre_crop(images.to(device, non_blocking=True), shape), labels.to(device, non_blocking=True)
+
+
+def held_shape(split: Split, shape: tuple[int, int, int]) -> tuple[int, int, int]:
+    """The size a split's images are held at: larger than the model's `shape` for a --resize crop training split."""
+    return split.decoding.shape if split.decoding is not None else shape
+
+
+def centre_crop(images: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+    """uint8 (N, C, h, w) -> their centre (N, C, H, W) of `shape`, with torchvision CenterCrop's offsets."""
+    height, width = shape[1:]
+    if images.shape[-2:] == (height, width):
+        return images
+    top, left = int(round((images.shape[-2] - height) / 2.0)), int(round((images.shape[-1] - width) / 2.0))
+    return images[..., top:top + height, left:left + width]
 
 
 def steps_per_epoch(images: int, batch_size: int, world: World) -> int:
@@ -127,6 +142,40 @@ def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator) 
             chosen = (shifts[:, 0] == dy) & (shifts[:, 1] == dx)
             cropped[chosen] = padded[chosen, :, dy:dy + height, dx:dx + width]
     return cropped
+
+
+def random_resized_crop(images: torch.Tensor, size: tuple[int, int], generator: torch.Generator,
+                        scale: tuple[float, float] = (0.08, 1.0),
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
+    """torchvision's RandomResizedCrop on uint8 (N, C, h, w), drawn from `generator`: each image's crop
+    covers a share in `scale` of its area with an aspect ratio (log-uniform) in `ratio` (10 tries, then
+    the centre at the nearest allowed ratio), resized to `size` (height, width) bilinearly with antialiasing."""
+    from torchvision.transforms.v2 import functional as TF  # imported where needed: seconds at every start
+
+    n, _, height, width = images.shape
+    device = generator.device
+    shares = torch.empty(n, 10, device=device).uniform_(*scale, generator=generator)
+    log_ratio = torch.empty(n, 10, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
+    aspect = log_ratio.exp()
+    crop_w = (shares * height * width * aspect).sqrt().round().long()
+    crop_h = (shares * height * width / aspect).sqrt().round().long()
+    fits = (crop_w > 0) & (crop_w <= width) & (crop_h > 0) & (crop_h <= height)
+    offsets = torch.rand(n, 2, device=device, generator=generator)
+    crops = []
+    for i in range(n):
+        tries = fits[i].nonzero()
+        if len(tries):
+            h, w = crop_h[i, tries[0, 0]].item(), crop_w[i, tries[0, 0]].item()
+            top, left = int(offsets[i, 0] * (height - h + 1)), int(offsets[i, 1] * (width - w + 1))
+        else:  # torchvision's fallback: the centre, at the nearest allowed aspect ratio
+            h, w = height, width
+            if width / height < ratio[0]:
+                h = int(round(width / ratio[0]))
+            elif width / height > ratio[1]:
+                w = int(round(height * ratio[1]))
+            top, left = (height - h) // 2, (width - w) // 2
+        crops.append(TF.resized_crop(images[i], top, left, h, w, list(size), antialias=True))
+    return torch.stack(crops)
 
 
 def random_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -278,9 +327,13 @@ def train_epoch(trainable, optimizer, scheduler, run: Setting, epoch: int) -> tu
     seen, started = 0, time.perf_counter()
     bar = tqdm(total=len(data.train) // run.world.size, unit="img", unit_scale=True, leave=False,
                disable=None if run.world.main else True, desc=f"epoch {epoch}/{config.epochs}", mininterval=0.5)
+    held = held_shape(data.train, data.shape)  # --resize crop: the resize scale, cropped here
     for step, (images, labels) in enumerate(batches(data.train, config.batch_size, device, run.order,
-                                                    data.shape, config.workers, run.world)):
-        if "crop" in config.augment:
+                                                    held, config.workers, run.world)):
+        if held != data.shape:  # the crop family of --resize crop: random-resized, else the centre
+            images = (random_resized_crop(images, data.shape[1:], run.augment) if "crop" in config.augment
+                      else centre_crop(images, data.shape))
+        elif "crop" in config.augment:
             images = random_crop(images, 2, run.augment)
         if "flip" in config.augment and data.flip_ok:
             images = random_flip(images, run.augment)

@@ -74,7 +74,8 @@ from training.resume import TrainingState, read_state, restore, save_state
 
 def prepare_data(config: TrainConfig, device: torch.device, quiet: bool = False) -> datasets.Data:
     data = datasets.load(config.dataset, config.data_dir, config.val_fraction, config.test_fraction,
-                         config.seed, config.image_size, config.max_memory_mb, config.workers, config.download)
+                         config.seed, config.image_size, config.max_memory_mb, config.workers, config.download,
+                         config.resize, config.crop_fraction)
     for note in [] if quiet else data.notes:
         print(f"note: {note}")
     if config.train_limit is not None:
@@ -157,7 +158,7 @@ def make_spec(config: TrainConfig, data: datasets.Data, prepared: PreparedModel,
         arch_args=prepared.arch_args,
         model=prepared.origin.record(),
         class_names=tuple(data.class_names),
-        input=InputShape(channels, height, width, "bilinear", tuple(datasets.BACKGROUND)),
+        input=InputShape(channels, height, width, "bilinear", tuple(datasets.BACKGROUND), data.fit, data.crop_fraction),
         mean=tuple(mean),
         std=tuple(std),
         dataset=config.dataset,

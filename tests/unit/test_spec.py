@@ -23,6 +23,7 @@ def test_the_spec_reads_what_training_wrote_and_writes_it_back_unchanged(tiny_ru
     assert spec.class_names == tuple(record["class_names"]) and spec.num_classes == record["num_classes"]
     assert spec.input.size == (record["input"]["channels"], record["input"]["height"], record["input"]["width"])
     assert Spec.from_json(spec.to_json()) == spec
+    assert (spec.input.fit, spec.input.crop_fraction) == ("stretch", None)  # a built-in data set is stretched
 
 
 @pytest.mark.parametrize("change, message", [
@@ -33,6 +34,9 @@ def test_the_spec_reads_what_training_wrote_and_writes_it_back_unchanged(tiny_ru
     (lambda r: r.update(colour="blue"), "unknown spec field(s) ['colour']"),
     (lambda r: r.update(num_classes=3), "num_classes 3 but 10 class names"),
     (lambda r: r.update(mean=[0.1, 0.2]), "one value per input channel (1)"),
+    (lambda r: r["input"].update(fit="zoom"), "input fit 'zoom' with crop_fraction None"),
+    (lambda r: r["input"].update(fit="crop"), "input fit 'crop' with crop_fraction None"),
+    (lambda r: r["input"].update(fit="crop", crop_fraction=0), "crop_fraction in (0, 1]"),
 ])
 def test_a_spec_of_another_format_or_broken_is_one_line_naming_the_file(tiny_run, tmp_path, change, message):
     out_dir, _ = tiny_run
