@@ -57,6 +57,7 @@ class Spec:
     mean: tuple[float, ...]  # per channel, of pixels scaled to [0, 1]
     std: tuple[float, ...]
     dataset: str
+    normalization: str = "data"  # how mean/std were chosen (--normalize): data, none, imagenet or explicit
     init_from: dict | None = None  # the weights training started from
     frozen: tuple[str, ...] = ()
     torch_version: str = ""

@@ -32,8 +32,8 @@ def worst_mistakes(model: torch.nn.Module, split: Split, predictions: torch.Tens
     """
     model.eval()
     wrong = (predictions.cpu() != split.labels.cpu()).nonzero().flatten()
-    probabilities = [torch.softmax(model(normalize(images, mean, std).contiguous(memory_format=torch.channels_last))
-                                   .float(), dim=1).cpu()
+    # the inputs' layout is left to the model's weights (channels_last or not: training.loop.pick_memory_format)
+    probabilities = [torch.softmax(model(normalize(images, mean, std)).float(), dim=1).cpu()
                      for images, _ in batches(split.subset(wrong), 1024, device, None, shape, workers)]
     if not probabilities:
         return [], 0

@@ -17,6 +17,7 @@ from handlers.spec import FITS
 from training.data import BUILTIN
 from training.errors import UserError
 from training.models import ARCHITECTURES
+from training.normalization import FORMS, parse
 
 AUGMENTATIONS = ("none", "flip", "crop", "crop+flip")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # also a TorchServe model name
@@ -104,7 +105,9 @@ class TrainConfig:
         None, WHAT, "--resize crop only: the share of the resized shorter side the centre crop keeps, in "
                     "(0, 1] (default 0.875: 224 of 256)", defines_run=True)
     # how to train
-    epochs: int = option(9, HOW, "(%(default)s)", defines_run=True)  # 93.34 % test; 8: 93.08 %; 10: 93.22 %
+    epochs: int = option(  # 9: 93.34 % test; 8: 93.08 %; 10: 93.22 %
+        9, HOW, "(%(default)s); 0 packages the --init-from weights unchanged: no step, evaluated on the "
+                "validation and test splits, written as a run (needs --normalize)", defines_run=True)
     batch_size: int = option(
         256, HOW, "the global batch: under torchrun each of N processes takes batch/N of it, so the "
                   "learning rate and schedule keep their meaning (%(default)s)", defines_run=True)
@@ -136,6 +139,10 @@ class TrainConfig:
     test_fraction: float = option(  # data sets without an official test split (mnist-5k, folder:)
         0.1, DATA, "test share for data sets without an official test split (%(default)s)", defines_run=True)
     train_limit: int | None = option(None, DATA, "use only N training images (quick runs)", defines_run=True)
+    normalize: str | None = option(  # None: data when training; --epochs 0 requires it
+        None, DATA, f"how inputs are normalized: {FORMS}; imagenet for torchvision/timm weights "
+                    "(default: data, the training split's mean/std; required with --epochs 0)",
+        defines_run=True, metavar="HOW")
     data_dir: Path = option(Path("data"), DATA, "downloaded data sets (%(default)s)")
     download: bool = option(  # mnist / cifar10 / fashion-mnist through torchvision
         True, DATA, "let torchvision download missing data where the internet is reachable (on)")
@@ -171,7 +178,8 @@ class TrainConfig:
                 raise UserError(f"{flag(f.name)} {value!r}: choose one of {', '.join(allowed)}")
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             raise UserError(f"--device {self.device!r}: use auto, cpu, cuda, cuda:N or mps")
-        positive = ("epochs", "batch_size", "lr", "max_memory_mb")
+        self.check_packaging()
+        positive = ("batch_size", "lr", "max_memory_mb")
         for option in positive:
             if getattr(self, option) <= 0:
                 raise UserError(f"{flag(option)} must be positive")
@@ -193,6 +201,26 @@ class TrainConfig:
         if min(self.patience, self.workers, self.weight_decay, self.momentum, self.warmup_epochs) < 0:
             raise UserError("--patience, --workers, --weight-decay, --momentum and --warmup-epochs "
                             "must not be negative")
+
+    def check_packaging(self) -> None:
+        """--epochs 0 packages finished weights: they and their normalization must be given."""
+        if self.epochs < 0:
+            raise UserError("--epochs must be positive, or 0 to package finished weights (with --init-from and "
+                            "--normalize)")
+        if self.normalize is not None:
+            parse(self.normalize)
+        if self.epochs > 0:
+            if self.normalize is None:  # frozen: set once here, so train_config.json records the choice
+                object.__setattr__(self, "normalize", "data")
+            return
+        if self.init_from is None:
+            raise UserError("--epochs must be positive to train; --epochs 0 packages finished weights: give them "
+                            "with --init-from FILE (and --normalize)")
+        if self.normalize is None:
+            raise UserError(f"--epochs 0 needs --normalize: say how the weights' inputs were normalized ({FORMS}); "
+                            "the kit cannot tell from the weights")
+        if self.resume is not None or self.freeze:
+            raise UserError("--epochs 0 trains nothing: --resume and --freeze apply only to training")
 
     @property
     def out_dir(self) -> Path:

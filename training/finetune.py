@@ -3,6 +3,8 @@
 A parent is a kit checkpoint (its spec can also name the architecture) or a plain state_dict as
 torchvision and timm publish them. Tensors are matched by name and shape: what does not fit
 (typically the classifier head when the class count changes) keeps its fresh initialization.
+A run that trains nothing (--epochs 0) packages the parent as it is: `check_complete_fit` first
+requires every tensor of the model, and only those, with its shape.
 """
 
 from __future__ import annotations
@@ -80,6 +82,23 @@ def load_matching(model: nn.Module, parent: Parent) -> dict:
         "parameters": sum(p.numel() for p in parameters.values()),
         "skipped": skipped, "fresh": [k for k in own if k not in loaded],
     }
+
+
+def check_complete_fit(model: nn.Module, parent: Parent, reference: str) -> None:
+    """--epochs 0: the weights must be the whole model. Missing, mis-shaped and unknown tensors are one
+    UserError. A missing batch-norm `num_batches_tracked` is let through: only training with
+    momentum=None reads that counter, never an eval-mode forward pass."""
+    own = model.state_dict()
+    missing = [key for key in own if key not in parent.state_dict and not key.endswith(".num_batches_tracked")]
+    misshaped = [f"{key} (file {list(tensor.shape)}, model {list(own[key].shape)})"
+                 for key, tensor in parent.state_dict.items() if key in own and tensor.shape != own[key].shape]
+    unknown = [key for key in parent.state_dict if key not in own]
+    problems = [f"{what} {len(names)}: {listing(names)}" for what, names in
+                (("missing", missing), ("mis-shaped", misshaped), ("not in the model", unknown)) if names]
+    if problems:
+        raise UserError(f"{parent.path} does not fit {reference} completely ({'; '.join(problems)}): --epochs 0 "
+                        "packages weights unchanged, so give the class and --model-args they were saved from "
+                        "(or train with --epochs N to fine-tune what fits)")
 
 
 def describe(report: dict, path: Path) -> str:

@@ -59,6 +59,22 @@ def pick_autocast_dtype(precision: str, device: torch.device) -> torch.dtype | N
     return torch.bfloat16
 
 
+@torch.no_grad()
+def pick_memory_format(model: nn.Module, example: torch.Tensor) -> tuple[torch.memory_format, str | None]:
+    """channels_last where the model's forward takes it (convolutions run faster in it), else the
+    contiguous layout, with the reason: a forward that calls .view on a feature map (the tutorials'
+    `x.view(-1, 32 * 7 * 7)`) fails on channels_last tensors. One eval-mode pass: no statistics change."""
+    model.eval().to(memory_format=torch.channels_last)
+    try:
+        model(example.contiguous(memory_format=torch.channels_last))
+        return torch.channels_last, None
+    except RuntimeError as error:
+        model.to(memory_format=torch.contiguous_format)
+        return torch.contiguous_format, str(error).strip().splitlines()[0].split(" (")[0][:120]
+    finally:
+        model.train()
+
+
 def batches(split: Split, batch_size: int, device: torch.device, generator: torch.Generator | None,
             shape: tuple[int, int, int], workers: int = 2,
             world: World = SINGLE) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -249,7 +265,8 @@ def update_weight_average(average: nn.Module, model: nn.Module, decay: float, st
 
 @torch.no_grad()
 def evaluate(model: nn.Module, split: Split, mean, std, device, shape, workers: int = 2,
-             batch_size: int = 1024, world: World = SINGLE) -> tuple[float, float, torch.Tensor]:
+             batch_size: int = 1024, world: World = SINGLE,
+             memory_format: torch.memory_format = torch.channels_last) -> tuple[float, float, torch.Tensor]:
     """(mean loss, accuracy, predictions) in float32 and eval mode: what export and serving compute.
 
     In a distributed run each process scores one contiguous part of the split and the parts are
@@ -258,7 +275,7 @@ def evaluate(model: nn.Module, split: Split, mean, std, device, shape, workers: 
     part = shard(split, world)
     total_loss, predictions = 0.0, [torch.zeros(0, dtype=torch.int64)]
     for images, labels in batches(part, batch_size, device, None, shape, workers):
-        logits = model(normalize(images, mean, std).contiguous(memory_format=torch.channels_last)).float()
+        logits = model(normalize(images, mean, std).contiguous(memory_format=memory_format)).float()
         total_loss += F.cross_entropy(logits, labels, reduction="sum").item()
         predictions.append(logits.argmax(1).cpu())
     parts = world.gather((total_loss, torch.cat(predictions)))
@@ -284,12 +301,13 @@ class Setting:
     device: torch.device
     autocast_dtype: torch.dtype | None
     world: World
-    statistics: tuple[list[float], list[float]]  # the training split's per-channel mean and std, as the spec keeps them
+    statistics: tuple[list[float], list[float]]  # per-channel mean and std (--normalize), as the spec keeps them
     mean: torch.Tensor  # statistics[0] as (1, C, 1, 1) on the device
     std: torch.Tensor
     order: torch.Generator  # shuffling: the same sequence in every process
     augment: torch.Generator  # crops and flips: this process's own (the order generator in one process)
     model: nn.Module  # the bare model (what trains may wrap it: DDP, torch.compile)
+    memory_format: torch.memory_format  # of the model and its inputs (pick_memory_format)
     average: nn.Module | None  # the moving average of its weights (--ema-decay), else None
     source_sha256: str | None  # of a user model's source file: a resumed run must have the same
 
@@ -297,6 +315,11 @@ class Setting:
     def shipped(self) -> nn.Module:
         """What is validated, kept and exported: the moving average where it is on, else the model."""
         return self.average if self.average is not None else self.model
+
+    def evaluate(self, model: nn.Module, split: Split) -> tuple[float, float, torch.Tensor]:
+        """evaluate() with this run's normalization, device, layout and processes."""
+        return evaluate(model, split, self.mean, self.std, self.device, self.data.shape, self.config.workers,
+                        world=self.world, memory_format=self.memory_format)
 
     @property
     def precision(self) -> str:
@@ -337,7 +360,7 @@ def train_epoch(trainable, optimizer, scheduler, run: Setting, epoch: int) -> tu
             images = random_crop(images, 2, run.augment)
         if "flip" in config.augment and data.flip_ok:
             images = random_flip(images, run.augment)
-        inputs = normalize(images, run.mean, run.std).contiguous(memory_format=torch.channels_last)
+        inputs = normalize(images, run.mean, run.std).contiguous(memory_format=run.memory_format)
         with torch.autocast(device.type, dtype=run.autocast_dtype or torch.float32,
                             enabled=run.autocast_dtype is not None):
             logits = trainable(inputs)

@@ -38,7 +38,7 @@ class TrainingState:
 
     config: dict  # the run's options (TrainConfig.to_json())
     progress: Progress
-    mean: list[float]  # the training split's statistics, computed once by the first run
+    mean: list[float]  # the normalization (--normalize), resolved once by the first run
     std: list[float]
     model: dict  # state_dicts: the bare model, its moving average (None without one), optimizer, scheduler
     average: dict | None

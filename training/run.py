@@ -6,6 +6,10 @@ misclassified.png, report.html (training/report.py), tensorboard/ with --tensorb
 (the full training state after every epoch, for --resume: training/resume.py). Every write is
 atomic; an interrupted run leaves the previous outputs intact, and a mistake found before training
 (a model that does not build or run, weights that do not fit) leaves artifacts/<name>/ untouched.
+
+--epochs 0 packages finished weights (--init-from) instead: no step, no moving average, eval mode
+only; the weights are scored on the validation and test splits and written as any run's outputs
+(no last.pt: there is no training to continue).
 """
 
 from __future__ import annotations
@@ -40,18 +44,18 @@ from training.distributed import (
     lost_contact,
 )
 from training.errors import UserError
-from training.finetune import Parent, describe, freeze, load_matching, read_parent
+from training.finetune import Parent, check_complete_fit, describe, freeze, load_matching, read_parent
 from training.loop import (
     Progress,
     Setting,
     batches,
-    evaluate,
     make_optimizer,
     make_scheduler,
     make_weight_average,
     per_channel,
     pick_autocast_dtype,
     pick_device,
+    pick_memory_format,
     steps_per_epoch,
     train_epoch,
 )
@@ -67,6 +71,8 @@ from training.model_origin import (
     resolve,
 )
 from training.models import DEFAULT_ARCH
+from training.normalization import kind as normalization_kind
+from training.normalization import resolve as resolve_normalization
 from training.plots import plot_confusion, plot_curves
 from training.report import report_training
 from training.resume import TrainingState, read_state, restore, save_state
@@ -94,6 +100,7 @@ class PreparedModel:
     model: nn.Module
     origin: Origin
     arch_args: dict
+    memory_format: torch.memory_format = torch.channels_last  # of the model and its inputs
     parent: Parent | None = None
     init_report: dict | None = None
 
@@ -125,9 +132,15 @@ def prepare_model(config: TrainConfig, data: datasets.Data) -> PreparedModel:
     model = construct(origin, arch_args)
     example, _ = next(batches(data.train, 2, torch.device("cpu"), None, data.shape, 0))
     check_forward(model, origin, example.cpu().float() / 255, len(data.class_names))
+    memory_format, reason = pick_memory_format(model, example.cpu().float() / 255)
+    if reason is not None:
+        print(f"note: {origin.reference} does not run on channels_last tensors ({reason}): it runs in the "
+              "contiguous layout")
+    if config.epochs == 0:  # packaged as they are: nothing may stay freshly initialized
+        check_complete_fit(model, parent, origin.reference)
     init_report = load_matching(model, parent) if parent is not None else None
     freeze(model, config.freeze)
-    return PreparedModel(model, origin, arch_args, parent, init_report)
+    return PreparedModel(model, origin, arch_args, memory_format, parent, init_report)
 
 
 def summarize(config: TrainConfig) -> str:
@@ -162,6 +175,7 @@ def make_spec(config: TrainConfig, data: datasets.Data, prepared: PreparedModel,
         mean=tuple(mean),
         std=tuple(std),
         dataset=config.dataset,
+        normalization=normalization_kind(config.normalize),
         init_from=prepared.parent.record() if prepared.parent else None,
         frozen=tuple(config.freeze),
         torch_version=str(torch.__version__),
@@ -206,18 +220,20 @@ def train_in(config: TrainConfig, world: World, device: torch.device) -> dict:
         prepared = prepare_model(config, data)
         saved = read_state(config, prepared.origin, world) if config.resume is not None else None
     check_same_run(world, config.to_json(), data_fingerprint(data))
-    model = prepared.model.to(device, memory_format=torch.channels_last)
+    model = prepared.model.to(device, memory_format=prepared.memory_format)
     trainable = model
     if world.distributed:
         trainable = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
         torch.manual_seed(config.seed + world.rank)  # dropout: every process draws its own masks
-    optimizer = make_optimizer(config, model)
-    scheduler = make_scheduler(config, optimizer, steps_per_epoch(len(data.train), config.batch_size, world))
-    run = make_setting(config, data, device, world, model, prepared.origin, saved)
+    run = make_setting(config, data, device, world, model, prepared, saved)
     counts = parameter_counts(model)
     print(f"model {prepared.origin.reference}: {counts['total']:,} parameters, {counts['trainable']:,} trainable")
     if prepared.init_report is not None:
         print(describe(prepared.init_report, config.init_from))
+    if config.epochs == 0:
+        return package(run, prepared, run_started)
+    optimizer = make_optimizer(config, model)
+    scheduler = make_scheduler(config, optimizer, steps_per_epoch(len(data.train), config.batch_size, world))
     progress = Progress()
     if saved is not None:
         with world.together():
@@ -241,8 +257,27 @@ def train_in(config: TrainConfig, world: World, device: torch.device) -> dict:
     return metrics
 
 
+def package(run: Setting, prepared: PreparedModel, run_started: float) -> dict:
+    """--epochs 0: the loaded weights, unchanged, scored on the validation and test splits and written
+    as a run (process 0); returns the metrics."""
+    config, data = run.config, run.data
+    channels, height, width = data.shape
+    print(f"packaging {config.init_from} as {prepared.origin.reference} on {config.dataset} ({len(data.val)} val / "
+          f"{len(data.test)} test images, {channels}x{height}x{width}, {len(data.class_names)} classes, "
+          f"--normalize {config.normalize}) on {run.device}: no training step")
+    _, val_accuracy, _ = run.evaluate(run.model, data.val)
+    progress = Progress(best_state=bare_state_dict(run.model), best_val_accuracy=val_accuracy)
+    metrics, matrix, predictions = test_best(run, prepared, progress, run_started)
+    if run.world.main:
+        config.out_dir.mkdir(parents=True, exist_ok=True)
+        (config.out_dir / "last.pt").unlink(missing_ok=True)  # an earlier run's training state, of other weights
+        board = TensorBoard(config.out_dir / "tensorboard", config.tensorboard)
+        write_outputs(run, prepared, metrics, progress, matrix, predictions, board)
+    return metrics
+
+
 def make_setting(config: TrainConfig, data: datasets.Data, device: torch.device, world: World, model: nn.Module,
-                 origin: Origin, saved: TrainingState | None) -> Setting:
+                 prepared: PreparedModel, saved: TrainingState | None) -> Setting:
     """The run's generators, normalization (a resumed run's own) and moving average, around `model`."""
     order = torch.Generator(device=device).manual_seed(config.seed)
     augment = order if not world.distributed else \
@@ -250,14 +285,15 @@ def make_setting(config: TrainConfig, data: datasets.Data, device: torch.device,
     if saved is not None:
         mean, std = saved.mean, saved.std
     else:
-        mean, std = datasets.channel_stats(
-            batches(data.train, 1024, device, None, data.shape, config.workers), data.shape[0])
-    # the moving average, where it is on, is what is validated, kept and shipped
-    average = make_weight_average(model) if config.ema_decay else None
+        mean, std = resolve_normalization(config.normalize, data.shape[0], lambda: datasets.channel_stats(
+            batches(data.train, 1024, device, None, data.shape, config.workers), data.shape[0]), config.dataset)
+    # the moving average, where it is on, is what is validated, kept and shipped (nothing trains at --epochs 0)
+    average = make_weight_average(model) if config.ema_decay and config.epochs else None
     return Setting(config=config, data=data, device=device, world=world,
                    autocast_dtype=pick_autocast_dtype(config.precision, device), statistics=(mean, std),
                    mean=per_channel(mean, device), std=per_channel(std, device), order=order, augment=augment,
-                   model=model, average=average, source_sha256=origin.source_sha256)
+                   model=model, memory_format=prepared.memory_format, average=average,
+                   source_sha256=prepared.origin.source_sha256)
 
 
 def train_epochs(run: Setting, trainable, optimizer, scheduler, progress: Progress, board: TensorBoard) -> None:
@@ -266,8 +302,7 @@ def train_epochs(run: Setting, trainable, optimizer, scheduler, progress: Progre
     for epoch in range(progress.epoch + 1, config.epochs + 1):
         started = time.perf_counter()
         train_loss, train_accuracy, seen, seconds = train_epoch(trainable, optimizer, scheduler, run, epoch)
-        val_loss, val_accuracy, _ = evaluate(run.shipped, data.val, run.mean, run.std, run.device, data.shape,
-                                             config.workers, world=run.world)
+        val_loss, val_accuracy, _ = run.evaluate(run.shipped, data.val)
         progress.images_seen += seen
         progress.train_step_seconds += seconds
         progress.train_loop_seconds += time.perf_counter() - started
@@ -295,8 +330,7 @@ def test_best(run: Setting, prepared: PreparedModel, progress: Progress,
     """Loads the best weights into the model and tests them: (metrics, confusion matrix, predictions)."""
     config, data, model = run.config, run.data, run.model
     model.load_state_dict(progress.best_state)
-    test_loss, test_accuracy, predictions = evaluate(model, data.test, run.mean, run.std, run.device, data.shape,
-                                                     config.workers, world=run.world)
+    test_loss, test_accuracy, predictions = run.evaluate(model, data.test)
     matrix = confusion_matrix(data.test.labels, predictions, len(data.class_names))
     counts = parameter_counts(model)
     metrics = {
@@ -342,5 +376,9 @@ def write_outputs(run: Setting, prepared: PreparedModel, metrics: dict, progress
     plot_confusion(matrix.numpy(), data.class_names, out_dir / "confusion_matrix.png",
                    f"{config.name}: test accuracy {metrics['test_accuracy']:.2%}")
     report_training(out_dir, model, data, predictions, run.mean, run.std, run.device, config.workers, board)
+    if config.epochs == 0:
+        print(f"test accuracy {metrics['test_accuracy']:.4f} (val {progress.best_val_accuracy:.4f}) of "
+              f"{config.init_from}, unchanged; wrote {out_dir}/")
+        return
     print(f"test accuracy {metrics['test_accuracy']:.4f} (best epoch {progress.best_epoch}, "
           f"val {progress.best_val_accuracy:.4f}); training {progress.train_loop_seconds:.1f}s; wrote {out_dir}/")
