@@ -28,8 +28,10 @@ DEFAULT_SPACE = Path(__file__).resolve().parent / "tune_space.yaml"
 MODEL_ARGS = "model-args."
 # What a trial may vary: the options that define what is trained, except the data itself (a different
 # validation split or training subset would make the trials' accuracies incomparable) and what a search
-# cannot meaningfully draw (starting weights, frozen prefixes, the whole model-args object).
-NOT_TUNABLE = ("dataset", "val_fraction", "test_fraction", "train_limit", "init_from", "freeze", "model_args")
+# cannot meaningfully draw (starting weights, frozen prefixes, the whole model-args object); every trial
+# shares --seed, so what differs between trials is their options, not their luck.
+NOT_TUNABLE = ("dataset", "val_fraction", "test_fraction", "train_limit", "init_from", "freeze", "model_args",
+               "seed")
 TUNABLE = tuple(name for name in RUN_DEFINING if name not in NOT_TUNABLE) + ("patience",)
 FIELD_TYPES = {f.name: f.type.split("|")[0].strip() for f in dataclasses.fields(TrainConfig)}
 

@@ -151,6 +151,9 @@ def run(search: Search) -> dict:
 
     study = open_study(search)
     budget, counted = search.budget(), tuple(getattr(optuna.trial.TrialState, s) for s in STATES_COUNTED)
+    optuna.storages.fail_stale_trials(study)  # trials of processes that died: FAIL, once silent long enough
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)):
+        shutil.rmtree(search.out_dir / "trials" / str(trial.number), ignore_errors=True)  # a killed trial's run
     done = len(study.get_trials(deepcopy=False, states=counted))
     print(f"study {search.study} in {search.shown_url}: {done} of {budget} trials finished; "
           f"{search.sampler} sampler over {', '.join(d.key for d in search.space)}")

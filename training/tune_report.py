@@ -157,10 +157,10 @@ def write_plots(study, out_dir) -> dict:
                 notes[name] = f"not drawn: {error}"
                 continue
             figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
-            figure.set_size_inches(max(figure.get_size_inches()[0], 7), max(figure.get_size_inches()[1], 4.5))
-            figure.tight_layout()  # a slice plot's colour bar warns that it does not fit tight_layout
+        if name == "slice":  # one panel per option, and a colour bar
+            figure.set_size_inches(max(7.0, 3.2 * len(axes.flat if hasattr(axes, "flat") else [axes]) + 1.5), 4.5)
         temporary = path.with_suffix(".tmp.png")
-        figure.savefig(temporary, dpi=110)
+        figure.savefig(temporary, dpi=110, bbox_inches="tight")
         temporary.replace(path)
         plt.close(figure)
         notes[name] = None

@@ -74,12 +74,11 @@ def open_study(search):
 
 
 def sampler(search) -> optuna.samplers.BaseSampler:
-    """The sampler, seeded per trial from --seed and the trial's number: one process replays the same
-    study, and processes sharing a study draw different points."""
+    """The sampler, seeded from --seed (tpe and random: per trial, with the trial's number): one process
+    replays the same study, and processes sharing a study draw different points."""
     seed = search.base.seed
-    if search.sampler == "grid":
-        grid = {d.key: d.grid() for d in search.space}
-        return PerTrialSeed(lambda s: optuna.samplers.GridSampler(grid, seed=s), seed)
+    if search.sampler == "grid":  # the seed shuffles the grid; trial k takes point k (the same in every process)
+        return optuna.samplers.GridSampler({d.key: d.grid() for d in search.space}, seed=seed)
     if search.sampler == "random":
         return PerTrialSeed(lambda s: optuna.samplers.RandomSampler(seed=s), seed)
     return PerTrialSeed(lambda s: optuna.samplers.TPESampler(seed=s, constant_liar=True), seed)
