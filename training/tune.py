@@ -13,8 +13,9 @@ artifacts/STUDY/trials/NUMBER/ (a pruned, failed or interrupted trial's folder i
 The study lives in SQLite at artifacts/STUDY/study.db, or in the database --storage names
 (postgresql://USER@HOST:PORT/DB): processes on several machines that run the same command share
 it and together finish N trials (complete or pruned). Running the command again continues the
-study. Outputs in artifacts/STUDY/: tune.json, tune-*.png, tune.html (training/tune_report.py);
---train-best then trains the best trial's options as artifacts/STUDY-best/, ready for make export.
+study; --jobs K starts K-1 more processes of the same command. Outputs in artifacts/STUDY/:
+tune.json, tune-*.png, tune.html (training/tune_report.py); --train-best then trains the best
+trial's options as artifacts/STUDY-best/, ready for make export.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import dataclasses
 import io
 import json
 import shutil
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -59,7 +62,8 @@ def parser() -> argparse.ArgumentParser:
                       help="tpe (Bayesian), random or grid (%(default)s)")
     tune.add_argument("--storage", help="database URL shared by several processes or machines, e.g. "
                                         "postgresql://USER@HOST:PORT/DB (default: sqlite in artifacts/NAME/)")
-    tune.add_argument("--jobs", type=int, default=1, help="trials run at once in this process (%(default)s)")
+    tune.add_argument("--jobs", type=int, default=1,
+                      help="trials run at once: this process and JOBS-1 more, sharing the study (%(default)s)")
     tune.add_argument("--train-best", action="store_true",
                       help="then train the best trial's options as artifacts/NAME-best/")
     return p
@@ -78,6 +82,7 @@ class Search:
     shown_url: str  # the same without a password, for messages and tune.json
     timeout: float | None = None
     jobs: int = 1
+    argv: tuple[str, ...] = ()  # the command line, for the processes of --jobs
 
     @property
     def out_dir(self) -> Path:
@@ -129,7 +134,8 @@ def search_from(options: dict) -> Search:
 
 
 class TrialOutput(io.TextIOBase):
-    """sys.stdout while trials run: a trial thread's prints go to its own log, everything else to the terminal."""
+    """sys.stdout while trials run: what a trial's training prints (in the thread that runs it) goes to its
+    own log, everything else to the terminal."""
 
     def __init__(self, terminal):
         self.terminal, self.logs = terminal, {}  # thread id -> that trial's log
@@ -159,6 +165,15 @@ def run(search: Search) -> dict:
           f"{search.sampler} sampler over {', '.join(d.key for d in search.space)}")
     bar = tqdm(total=budget, initial=min(done, budget), unit="trial", desc=search.study, dynamic_ncols=True)
     output = TrialOutput(sys.stdout)
+    shown = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
+
+    def show_finished() -> None:
+        """A line for each trial finished since the last call, whichever process ran it."""
+        for trial in study.get_trials(deepcopy=False):
+            if trial.state.is_finished() and trial.number not in shown and not trial.user_attrs.get("surplus"):
+                bar.write(trial_line(trial))
+            if trial.state.is_finished():
+                shown.add(trial.number)
 
     def objective(trial: optuna.Trial) -> float:
         ahead = [t for t in study.get_trials(deepcopy=False, states=counted + (optuna.trial.TrialState.RUNNING,))
@@ -174,22 +189,45 @@ def run(search: Search) -> dict:
     def finished(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if trial.user_attrs.get("surplus"):
             return
-        bar.write(trial_line(trial))
+        show_finished()
         taken = study.get_trials(deepcopy=False, states=counted + (optuna.trial.TrialState.RUNNING,))
         bar.n = min(budget, sum(t.state in counted for t in taken))
         bar.refresh()
         if len(taken) >= budget:  # the rest is finished or running elsewhere
             study.stop()
 
+    jobs = start_jobs(search) if done < budget else []
     try:
         if done < budget:
             with contextlib.redirect_stdout(output):
-                study.optimize(objective, timeout=search.timeout, n_jobs=search.jobs, catch=(Surplus,),
-                               callbacks=[finished])
+                study.optimize(objective, timeout=search.timeout, catch=(Surplus,), callbacks=[finished])
+    except BaseException:
+        for job, _ in jobs:
+            job.send_signal(signal.SIGINT)  # they stop as this one does: their running trials are marked failed
+        raise
     finally:
+        failed = [str(log) for job, log in jobs if job.wait() != 0]
+        show_finished()
+        bar.n = min(budget, len(study.get_trials(deepcopy=False, states=counted)))
         bar.close()
         record = write_outputs(search, study)
+    if failed:
+        raise UserError(f"{len(failed)} of the --jobs processes failed: see {', '.join(failed)}")
     return record
+
+
+def start_jobs(search: Search) -> list[tuple[subprocess.Popen, Path]]:
+    """--jobs K: K-1 more processes of the same command on the same study (each its own torch and random
+    state, so every trial stays reproducible); their output goes to artifacts/STUDY/jobs/N.log."""
+    jobs = []
+    for number in range(1, search.jobs):
+        log = search.out_dir / "jobs" / f"{number}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        argv = [word for word in search.argv if word != "--train-best"]
+        with open(log, "w") as out:
+            jobs.append((subprocess.Popen([sys.executable, "-m", "training.tune", *argv, "--jobs", "1"],
+                                          stdout=out, stderr=subprocess.STDOUT), log))
+    return jobs
 
 
 class Surplus(Exception):
@@ -233,10 +271,11 @@ def fixed_options(config: TrainConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     options = vars(parser().parse_args(argv))
     train_best = options["train_best"]
     try:
-        search = search_from(options)
+        search = dataclasses.replace(search_from(options), argv=tuple(argv))
         with warnings.catch_warnings():
             import optuna
 
