@@ -44,22 +44,24 @@ def load(storage: str, name: str):
 
 @pytest.fixture(scope="module")
 def grid_study(tmp_path_factory):
-    """A five-trial grid study on SQLite: (artifacts dir, tune.json's record, this process's output)."""
+    """A five-trial grid study on SQLite, then --train-best: (artifacts dir, tune.json's record, the output,
+    the -best run's metrics)."""
     root = tmp_path_factory.mktemp("tune")
     (root / "space.yaml").write_text(GRID)
-    argv = ["--name", "grid", "--trials", "5", "--sampler", "grid", "--space", str(root / "space.yaml"),
+    argv = ["--name", "grid", "--trials", "5", "--sampler", "grid", "--train-best", "--space", str(root / "space.yaml"),
             "--artifacts-dir", str(root / "artifacts"), *TRAINING]
     result = subprocess.run([sys.executable, "-m", "training.tune", *argv], cwd=ROOT, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((root / "artifacts" / "grid" / "tune.json").read_text())
-    return root / "artifacts", record, result.stdout
+    best_run = json.loads((root / "artifacts" / "grid-best" / "metrics.json").read_text())
+    return root / "artifacts", record, result.stdout, best_run
 
 
 def test_tune_json_matches_the_storage(grid_study):
     import optuna
 
-    artifacts, record, output = grid_study
+    artifacts, record, output, _ = grid_study
     study = load(f"sqlite:///{artifacts / 'grid' / 'study.db'}", "grid")
     stored = {t.number: t for t in study.trials}
     assert [t["number"] for t in record["trials"]] == sorted(stored) == [0, 1, 2, 3, 4]
@@ -84,7 +86,7 @@ def test_tune_json_matches_the_storage(grid_study):
 
 
 def test_a_hopeless_trial_is_pruned_and_leaves_no_run(grid_study):
-    artifacts, record, _ = grid_study
+    artifacts, record, *_ = grid_study
     hopeless = next(t for t in record["trials"] if t["options"]["lr"] == HOPELESS_LR)
     assert hopeless["state"] == "PRUNED", record["trials"]
     assert hopeless["epochs_reported"] == 1  # stopped after its first epoch
@@ -96,8 +98,14 @@ def test_a_hopeless_trial_is_pruned_and_leaves_no_run(grid_study):
             assert json.loads((run / "metrics.json").read_text())["val_accuracy"] == trial["val_accuracy"]
 
 
+def test_train_best_trains_the_best_trial_as_a_normal_run(grid_study):
+    artifacts, record, output, best_run = grid_study
+    assert abs(best_run["val_accuracy"] - record["best"]["val_accuracy"]) <= 0.005
+    assert "test_accuracy" in best_run and f"reproduce: {record['best']['train_command']}" in output
+
+
 def test_the_best_trial_is_reproduced_by_its_make_train_command(grid_study):
-    artifacts, record, _ = grid_study
+    artifacts, record, *_ = grid_study
     command = shlex.split(record["best"]["train_command"])
     assert command[:2] == ["make", "train"]
     # The Makefile's venv rule is taken as done (this test runs inside it) and its python is this one.
