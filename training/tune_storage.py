@@ -9,6 +9,7 @@ next process that starts a trial notices it.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -44,13 +45,23 @@ def storage_url(text: str | None, study_dir: Path) -> tuple[str, str]:
 def open_storage(url: str, shown: str) -> optuna.storages.RDBStorage:
     # Waits rather than fails while another process writes (SQLite) or the server is slow to answer.
     connect = {"timeout": 60} if url.startswith("sqlite") else {"connect_timeout": 10}
-    try:
-        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": connect},
-                                          heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS)
-    except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as error:
-        cause = str(getattr(error, "orig", None) or error).strip().splitlines()
-        raise UserError(f"cannot open the study storage {shown}: {cause[0] if cause else type(error).__name__}") \
-            from None
+    for attempt in range(5):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": connect},
+                                              heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as error:
+            # Processes that start together on an empty database race to create Optuna's tables: the
+            # losers fail with a duplicate name, and find the tables made when they try again.
+            if attempt == 4:
+                raise UserError(f"cannot open the study storage {shown}: {first_line(error)}") from None
+            time.sleep(0.5 + attempt)
+        except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as error:
+            raise UserError(f"cannot open the study storage {shown}: {first_line(error)}") from None
+
+
+def first_line(error: Exception) -> str:
+    cause = str(getattr(error, "orig", None) or error).strip().splitlines()
+    return cause[0] if cause else type(error).__name__
 
 
 def open_study(search):
