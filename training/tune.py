@@ -25,8 +25,10 @@ import contextlib
 import dataclasses
 import io
 import json
+import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -184,6 +186,7 @@ def run(search: Search) -> dict:
             raise Surplus(f"trial {trial.number}: the budget of {budget} trials is taken")
         config = search.trial_config(trial.number, {d.key: d.suggest(trial) for d in search.space})
         trial.set_user_attr("run_dir", str(config.out_dir))
+        trial.set_user_attr("process", f"{socket.gethostname()}:{os.getpid()}")  # where its run folder is
         return train_trial(trial, config, output)
 
     def finished(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:

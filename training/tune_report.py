@@ -98,6 +98,7 @@ def trial_record(trial) -> dict:
         "epochs_reported": len(values),
         "seconds": seconds_of(trial),
         "run_dir": trial.user_attrs.get("run_dir") if trial.state.name == "COMPLETE" else None,
+        "process": trial.user_attrs.get("process"),  # host:pid that ran it (its run folder is on that host)
         **({"note": "not run: the study's budget was already taken"} if trial.user_attrs.get("surplus") else {}),
     }
 

@@ -223,19 +223,20 @@ def test_two_processes_share_one_study_through_postgresql(postgres, tmp_path):
     outputs = [process.communicate(timeout=600) for process in processes]
     for process, (_, err) in zip(processes, outputs):
         assert process.returncode == 0, err[-3000:]
-    ran = [finished_lines(out) for out, _ in outputs]
     storage = postgres.replace("postgresql://", "postgresql+psycopg://")
     assert [s.study_name for s in optuna.get_all_study_summaries(storage)] == ["shared"]  # one study
     study = load(storage, "shared")
     finished = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
     assert len(finished) == 3  # the study's budget, split between the two
-    assert not set(ran[0]) & set(ran[1])  # no trial ran in both
-    assert set(ran[0]) | set(ran[1]) == {t.number for t in finished}
-    assert len({json.dumps(t.params, sort_keys=True) for t in finished}) == 3  # nor the same point twice
-    for i, numbers in enumerate(ran):
-        for number in numbers:  # each machine keeps the runs it trained
-            if study.trials[number].state.name == "COMPLETE":
-                assert (tmp_path / f"machine-{i}" / "shared" / "trials" / str(number) / "checkpoint.pt").is_file()
+    assert len({json.dumps(t.params, sort_keys=True) for t in finished}) == 3  # no point drawn twice
+    for trial in finished:  # each trial ran in exactly one of them, which keeps its run
+        runs = [tmp_path / f"machine-{i}" / "shared" / "trials" / str(trial.number) for i in range(2)]
+        assert sum(run.is_dir() for run in runs) == (trial.state.name == "COMPLETE"), trial.number
+        if trial.state.name == "COMPLETE":
+            assert str(next(run for run in runs if run.is_dir())) == trial.user_attrs["run_dir"]
+    assert len({t.user_attrs["process"] for t in finished}) <= 2
+    for out, _ in outputs:  # each process's tune.json and lines cover the whole study
+        assert set(finished_lines(out)) <= {t.number for t in finished}
 
 
 def test_a_killed_study_continues_where_it_stopped(tmp_path):
