@@ -3,6 +3,7 @@
 #   make train DATASET=mnist-5k MODEL=simple-cnn NAME=digits EPOCHS=5
 #   make train MODEL=examples/my_net.py:MyNet MODEL_ARGS='{"base_width": 16}' NAME=my-net   your own model
 #   make train NPROC=2         data-parallel over 2 processes (torchrun: gloo on CPUs, NCCL with one GPU each)
+#   make tune NAME=study TRIALS=20 TUNE_ARGS="--epochs 3"   hyperparameter search (Optuna) into artifacts/study/
 #   make export                TorchScript + ONNX, parity gate, archives in model_store/ (NAME=...)
 #   make serve                 TorchServe on 127.0.0.1:8080 in the foreground (Ctrl-C stops it)
 #   make serve-kserve          KServe's ModelServer (Open Inference Protocol): HTTP 127.0.0.1:8085, gRPC :8086
@@ -36,8 +37,9 @@ IMAGE ?=
 MODEL_NAME ?= $(NAME)
 MODEL_STORE ?= model_store
 
-.PHONY: venv data java browser train export serve serve-kserve kserve-store samples predict demo report test \
-        docker-offline image-size bench bench-train bench-export bench-serve bench-serve-sweep bench-photo profile-serve wrk \
+.PHONY: venv data java browser postgresql train tune export serve serve-kserve kserve-store samples predict demo \
+        report test docker-offline image-size bench bench-train bench-export bench-serve bench-serve-sweep bench-photo \
+        profile-serve wrk \
         fuzz lint clean help
 
 help:
@@ -96,6 +98,15 @@ train: venv data
 	  --dataset $(DATASET) --name $(NAME) $(if $(MODEL),--model $(MODEL)) \
 	  $(if $(MODEL_ARGS),--model-args '$(MODEL_ARGS)') $(if $(EPOCHS),--epochs $(EPOCHS)) $(TRAIN_ARGS)
 
+TRIALS ?=
+TUNE_ARGS ?=
+
+# A study of TRIALS training runs (docs/tuning.md); NAME names the study, so it must be given.
+tune: venv data
+	@[ "$(origin NAME)" != file ] && [ -n "$(TRIALS)" ] || { echo "error: name the study and its budget: make tune NAME=my-study TRIALS=20" >&2; exit 1; }
+	$(PY) -m training.tune --name $(NAME) --trials $(TRIALS) --dataset $(DATASET) $(if $(MODEL),--model $(MODEL)) \
+	  $(if $(MODEL_ARGS),--model-args '$(MODEL_ARGS)') $(if $(EPOCHS),--epochs $(EPOCHS)) $(TUNE_ARGS)
+
 export: venv
 	$(PY) -m export --name $(NAME) $(EXPORT_ARGS)
 
@@ -146,7 +157,18 @@ predict: venv
 	@[ -n "$(IMAGE)" ] || { echo "error: give an image: make predict IMAGE=path/to/image.png" >&2; exit 1; }
 	$(PY) -m client --model $(MODEL_NAME) $(IMAGE)
 
-test: venv java browser
+# Debian's PostgreSQL server binaries for the shared-study test (tests/unit/test_tune.py starts a private
+# cluster on 127.0.0.1 and stops it); without them that test skips. The packaged cluster is left stopped.
+postgresql:
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing postgresql (the shared-study test of make tune)"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql) >/dev/null \
+	      || echo "note: apt-get install postgresql failed: the PostgreSQL test will skip" >&2; \
+	  else echo "note: no PostgreSQL server (apt-get install postgresql): the PostgreSQL test will skip" >&2; fi; \
+	fi
+
+test: venv java browser postgresql
 	@$(MAKE) --no-print-directory data DATASET=fashion-mnist
 	$(PY) -m pytest $(PYTEST_ARGS)
 

@@ -21,6 +21,7 @@ import io
 import platform
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -185,10 +186,11 @@ def make_spec(config: TrainConfig, data: datasets.Data, prepared: PreparedModel,
     )
 
 
-def train(config: TrainConfig) -> dict:
+def train(config: TrainConfig, on_epoch: Callable[[int, float], None] | None = None) -> dict:
     """Runs the whole training; returns the metrics written to metrics.json.
 
-    Under torchrun every process runs this: process 0 prints and writes the outputs."""
+    Under torchrun every process runs this: process 0 prints and writes the outputs. `on_epoch(epoch,
+    validation accuracy)` is called after every epoch (training.tune's pruner: it may raise to stop the run)."""
     world = environment()
     device = join(world, pick_device(config.device))
     if world.distributed:  # torchrun stops the others when one process fails: say so, not a traceback
@@ -198,7 +200,7 @@ def train(config: TrainConfig) -> dict:
             raise UserError(f"--batch-size {config.batch_size} is the global batch: it must divide evenly between "
                             f"the {world.size} processes")
         with contextlib.nullcontext() if world.main else contextlib.redirect_stdout(io.StringIO()):
-            return train_in(config, world, device)
+            return train_in(config, world, device, on_epoch)
     except RuntimeError as error:
         if world.distributed and lost_contact(error):
             raise Stopped(f"lost contact: {str(error).strip().splitlines()[0][:200]}") from None
@@ -211,7 +213,7 @@ def stopped_by_torchrun(signum, frame):
     raise Stopped("torchrun stopped it")
 
 
-def train_in(config: TrainConfig, world: World, device: torch.device) -> dict:
+def train_in(config: TrainConfig, world: World, device: torch.device, on_epoch=None) -> dict:
     """This process's part of the run: set up, resume where asked, train, test, write (process 0)."""
     run_started = time.perf_counter()
     torch.manual_seed(config.seed)
@@ -250,7 +252,7 @@ def train_in(config: TrainConfig, world: World, device: torch.device) -> dict:
     if world.main:
         config.out_dir.mkdir(parents=True, exist_ok=True)
     board = TensorBoard(config.out_dir / "tensorboard", config.tensorboard and world.main)
-    train_epochs(run, trainable, optimizer, scheduler, progress, board)
+    train_epochs(run, trainable, optimizer, scheduler, progress, board, on_epoch)
     metrics, matrix, predictions = test_best(run, prepared, progress, run_started)
     if world.main:
         write_outputs(run, prepared, metrics, progress, matrix, predictions, board)
@@ -296,7 +298,8 @@ def make_setting(config: TrainConfig, data: datasets.Data, device: torch.device,
                    source_sha256=prepared.origin.source_sha256)
 
 
-def train_epochs(run: Setting, trainable, optimizer, scheduler, progress: Progress, board: TensorBoard) -> None:
+def train_epochs(run: Setting, trainable, optimizer, scheduler, progress: Progress, board: TensorBoard,
+                 on_epoch=None) -> None:
     """The epochs after progress.epoch, up to --epochs or an early stop; last.pt after each one."""
     config, data = run.config, run.data
     for epoch in range(progress.epoch + 1, config.epochs + 1):
@@ -320,6 +323,8 @@ def train_epochs(run: Setting, trainable, optimizer, scheduler, progress: Progre
               f"val loss {val_loss:.4f} acc {val_accuracy:.4f}{' *' if improved else ''}  "
               f"{seen / seconds:7.0f} img/s  {time.perf_counter() - started:5.1f}s", flush=True)
         board.log_epoch(progress.history[-1])
+        if on_epoch is not None:
+            on_epoch(epoch, val_accuracy)
         if config.patience and epoch - progress.best_epoch >= config.patience:
             print(f"early stop: no better validation accuracy for {config.patience} epochs")
             break
