@@ -25,6 +25,7 @@ from handlers import contract, oip
 from handlers.archive import read_archive
 from handlers.errors import ClientError, UserError
 from handlers.pipeline import Classifier, load_classifier
+from handlers.store import served
 
 # `import kserve` parses sys.argv with the ModelServer's own parser (kserve/model_server.py builds it at
 # import time): hide this process's arguments from it, so importing this module never depends on them.
@@ -124,7 +125,7 @@ def load_archive(path: Path, workers: int = 1, threads: int = 0) -> ArchivedClas
 
 
 def load_store(model_store: Path, workers: int = 1, threads: int = 0) -> list[ArchivedClassifier]:
-    archives = sorted(model_store.glob("*.mar"))
+    archives = list(served(model_store).values())  # the live version of each name (handlers/store.py)
     if not archives:
         raise UserError(f"no archives in {model_store}/: run make train export first")
     models = [load_archive(path, workers, threads) for path in archives]

@@ -158,7 +158,7 @@ def test_container_predictions_match_in_process_eager(stack, served_images, mode
 def test_the_image_serves_the_torchscript_archive_written_by_training_torch(stack, exported, served_images):
     """The torch pin policy (docs/deploy.md): the image's torch is at most one minor version older than the
     torch that wrote the TorchScript archive, and it loads and serves that archive as eager answers."""
-    spec = read_archive(exported[1] / "fmnist-torchscript.mar").spec
+    spec = read_archive(exported[1] / "fmnist-torchscript.v1.mar").spec
     served = compose(*PROFILE, "exec", "-T", "torchserve", "python3", "-c", "import torch; print(torch.__version__)",
                      env=stack["env"]).stdout.strip()
     assert minor_versions_behind(served, spec.torch_version) in (0, 1), (served, spec.torch_version)

@@ -18,6 +18,8 @@ import tritonclient.http as triton_http
 from served import BAD_INPUTS, ZERO_WIDTH_PNG
 from tritonclient.utils import InferenceServerException
 
+from handlers.store import served as served_archives
+
 pytestmark = pytest.mark.integration
 MODELS = ("fmnist", "fmnist-torchscript")
 PLATFORMS = {"fmnist": "onnx_onnxv1", "fmnist-torchscript": "pytorch_torchscript"}
@@ -83,7 +85,7 @@ def test_health_readiness_and_models(kserve, exported, protocol):
     if protocol == "http":
         assert not triton.is_model_ready("no-such-model")
         status, body, _ = harness.http("GET", f"{kserve.http}/v2/models")
-        every_archive = sorted(p.stem for p in exported[1].glob("*.mar"))  # with -int8 where export's gate passed
+        every_archive = sorted(served_archives(exported[1]))  # with -int8 where export's gate passed
         assert status == 200 and sorted(json.loads(body)["models"]) == every_archive
     else:
         with pytest.raises(InferenceServerException, match="NOT_FOUND"):

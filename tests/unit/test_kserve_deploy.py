@@ -161,22 +161,22 @@ def test_kserve_store_holds_config_and_archives(exported_tiny, tmp_path):
     result = run_cli("export.kserve_store", "--model-store", str(store), "--out", str(out))
     assert result.returncode == 0, result.stderr
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == [
-        "config", "config/config.properties", "model-store", "model-store/tiny-torchscript.mar"]
+        "config", "config/config.properties", "model-store", "model-store/tiny-torchscript.v1.mar"]
     config = dict(line.split("=", 1) for line in (out / "config" / "config.properties").read_text().splitlines()
                   if line and not line.startswith("#"))
     assert config["inference_address"] == "http://0.0.0.0:8085"  # where KServe's wrapper forwards
     assert config["model_store"] == "/mnt/models/model-store" and config["enable_envvars_config"] == "false"
     snapshot = json.loads(config["model_snapshot"])
-    with zipfile.ZipFile(store / "tiny-torchscript.mar") as mar:
+    with zipfile.ZipFile(store / "tiny-torchscript.v1.mar") as mar:
         settings = yaml.safe_load(mar.read("model-config.yaml"))
     assert snapshot["models"] == {"tiny-torchscript": {"1.0": {
-        "defaultVersion": True, "marName": "tiny-torchscript.mar", "minWorkers": settings["minWorkers"],
+        "defaultVersion": True, "marName": "tiny-torchscript.v1.mar", "minWorkers": settings["minWorkers"],
         "maxWorkers": settings["maxWorkers"], "batchSize": settings["batchSize"],
         "maxBatchDelay": settings["maxBatchDelay"], "responseTimeout": settings["responseTimeout"]}}}
     result = run_cli("export.kserve_store", "--model-store", str(store), "--out", str(out),
                      "--backends", "onnxruntime,torchscript")
     assert result.returncode == 0 and sorted(p.name for p in (out / "model-store").iterdir()) == [
-        "tiny-torchscript.mar", "tiny.mar"]
+        "tiny-torchscript.v1.mar", "tiny.v1.mar"]
     assert [p.name for p in tmp_path.iterdir()] == ["kserve-store"]  # no scratch folder left behind
 
 
