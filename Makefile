@@ -107,8 +107,13 @@ serve: venv java
 	@mkdir -p logs
 	@# Own process group: Ctrl-C reaches only this shell, which stops the frontend and its workers
 	@# with SIGTERM (a graceful shutdown) instead of dumping a traceback from every worker.
+	@# The management API on a Unix socket in a directory only this user may enter (docs/versions.md),
+	@# unless TS_MANAGEMENT_ADDRESS says otherwise.
 	@models=$$($(PY) -m handlers.store --models $(MODEL_STORE)) || exit 1; echo "serving $$models"; \
-	LOG_LOCATION=logs METRICS_LOCATION=logs setsid $(VENV)/bin/torchserve --start --foreground --ncs \
+	if [ -z "$$TS_MANAGEMENT_ADDRESS" ]; then \
+	  TS_MANAGEMENT_ADDRESS=$$($(PY) -m handlers.management) || exit 1; export TS_MANAGEMENT_ADDRESS; fi; \
+	echo "management API: $$TS_MANAGEMENT_ADDRESS"; \
+	LOG_LOCATION METRICS_LOCATION=logs setsid $(VENV)/bin/torchserve --start --foreground --ncs \
 	  --ts-config config.properties --model-store $(MODEL_STORE) --models $$models & server=$$!; \
 	trap 'echo "stopping TorchServe"; kill -TERM -$$server 2>/dev/null' INT TERM; \
 	wait $$server; wait $$server; true

@@ -22,11 +22,10 @@ import json
 import os
 import sys
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from pathlib import Path
 
+from handlers import management
 from handlers.archive import Archive, BrokenArchive, read_archive
 from handlers.store import archive_path, read_live, versions, write_live
 
@@ -40,19 +39,15 @@ class Refused(Exception):
     """Why a rollout or rollback does not happen (or stops): one line for the user."""
 
 
-def call(method: str, url: str, body: bytes | None = None, timeout: float = 30) -> tuple[int, object]:
-    """(status, JSON body or text) of one HTTP request; a server that does not answer is Refused."""
-    request = urllib.request.Request(url, data=body, method=method,
-                                     headers={"Content-Type": "application/octet-stream"} if body else {})
+def call(address: str, method: str, path: str, body: bytes | None = None, timeout: float = 30) -> tuple[int, object]:
+    """(status, JSON body or text) of one HTTP request to `address` (http://... or unix:/path); a server that
+    does not answer is Refused."""
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            status, payload = response.status, response.read()
-    except urllib.error.HTTPError as error:
-        status, payload = error.code, error.read()
+        status, payload = management.request(address, method, path, body, timeout,
+                                             {"Content-Type": "application/octet-stream"} if body else None)
     except OSError as error:
-        base = url.split("/", 3)[:3]
-        raise Refused(f"no TorchServe answers at {'/'.join(base)} ({getattr(error, 'reason', error)}): "
-                      "start it with make serve") from None
+        raise Refused(f"no TorchServe answers at {address} ({error.strerror or error}): start it with make serve"
+                      ) from None
     try:
         return status, json.loads(payload)
     except ValueError:
@@ -67,29 +62,32 @@ class Server:
 
     def model_url(self, name: str, version: str | None = None) -> str:
         path = urllib.parse.quote(name, safe="") + ("" if version is None else f"/{urllib.parse.quote(version)}")
-        return f"{self.management}/models/{path}"
+        return f"/models/{path}"
+
+    def manage(self, method: str, path: str, timeout: float = 30) -> tuple[int, object]:
+        return call(self.management, method, path, timeout=timeout)
 
     def versions(self, name: str) -> tuple[str, list[str]]:
         """(the default version, every registered version) of `name`; a name it does not serve is Refused."""
-        status, described = call("GET", self.model_url(name))
+        status, described = self.manage("GET", self.model_url(name))
         if status == 404:
-            _, listed = call("GET", f"{self.management}/models")
+            _, listed = self.manage("GET", "/models")
             names = [m.get("modelName") for m in listed.get("models", [])] if isinstance(listed, dict) else []
             raise Refused(f"the server does not serve a model named {name!r} (it serves {', '.join(names) or 'none'})")
         if status != 200 or not isinstance(described, list) or not described:
             raise Refused(f"the management API answered {status} for {name!r}: {described}")
-        _, every = call("GET", self.model_url(name, "all"))
+        _, every = self.manage("GET", self.model_url(name, "all"))
         registered = [d["modelVersion"] for d in every] if isinstance(every, list) else [described[0]["modelVersion"]]
         return described[0]["modelVersion"], registered
 
     def describe(self, name: str, version: str) -> dict | None:
-        status, described = call("GET", self.model_url(name, version))
+        status, described = self.manage("GET", self.model_url(name, version))
         return described[0] if status == 200 and isinstance(described, list) and described else None
 
     def register(self, archive: Archive) -> None:
         query = urllib.parse.urlencode({"url": archive.path.name, "model_name": archive.name,
                                         "initial_workers": archive.workers, "synchronous": "true"})
-        status, answer = call("POST", f"{self.management}/models?{query}", timeout=READY_TIMEOUT_S)
+        status, answer = self.manage("POST", f"/models?{query}", timeout=READY_TIMEOUT_S)
         if status != 200:
             raise Refused(f"TorchServe did not register {archive.path.name} ({status}: {message(answer)})")
 
@@ -105,7 +103,7 @@ class Server:
                       "(logs/model_log.log says why)")
 
     def set_default(self, name: str, version: str) -> None:
-        status, answer = call("PUT", f"{self.model_url(name, version)}/set-default")
+        status, answer = self.manage("PUT", f"{self.model_url(name, version)}/set-default")
         if status != 200:
             raise Refused(f"TorchServe did not make version {version} of {name} the default ({message(answer)})")
 
@@ -120,16 +118,16 @@ class Server:
         time.sleep(GRACE_S)
 
     def unregister(self, name: str, version: str) -> None:
-        status, answer = call("DELETE", self.model_url(name, version), timeout=120)
+        status, answer = self.manage("DELETE", self.model_url(name, version), timeout=120)
         if status != 200:
             raise Refused(f"TorchServe did not unregister version {version} of {name} ({message(answer)})")
 
     def check_answers(self, archive: Archive) -> int:
         """Sends the archive's recorded test images to this version; returns how many matched (all, or Refused)."""
         samples = archive.release["samples"]
-        url = f"{self.inference}/predictions/{urllib.parse.quote(archive.name, safe='')}/{archive.version}"
+        path = f"/predictions/{urllib.parse.quote(archive.name, safe='')}/{archive.version}"
         for position, sample in enumerate(samples):
-            status, answer = call("POST", url, base64.b64decode(sample["png"]))
+            status, answer = call(self.inference, "POST", path, base64.b64decode(sample["png"]))
             if status != 200 or not isinstance(answer, dict):
                 raise Refused(f"version {archive.version} answered test image {position} with {status}: "
                               f"{message(answer)}")
@@ -163,8 +161,9 @@ def candidate(model_store: Path, name: str, version: int) -> Archive:
     return archive
 
 
-def gate(archive: Archive, live: Archive | None, force: bool) -> str:
-    """What the accuracy gate says (one line); Refused unless it passes or `force`."""
+def gate(archive: Archive, live: Archive | None, force: bool, rollback: bool = False) -> str:
+    """What the accuracy gate says (one line); Refused unless it passes or `force`. A rollback returns to a
+    version that was live before: the gate only reports."""
     release = archive.release
     accuracy = float(release.get("test_accuracy", 0.0))
     problems = []
@@ -178,9 +177,11 @@ def gate(archive: Archive, live: Archive | None, force: bool) -> str:
     summary = f"test accuracy {accuracy:.2%}" + ("" if live is None or not live.release else
                                                  f", live version {live.version}: "
                                                  f"{float(live.release.get('test_accuracy', 0)):.2%}")
-    if problems and not force:
+    if problems and not (force or rollback):
         raise Refused(f"version {archive.version} of {archive.name} refused: {'; '.join(problems)} "
                       "(FORCE=1 rolls it out anyway)")
+    if problems and rollback:
+        return summary + " (a rollback: the accuracy gate does not apply)"
     return summary + (f" (forced past: {'; '.join(problems)})" if problems else "")
 
 
@@ -219,7 +220,7 @@ def move(server: Server, model_store: Path, name: str, target: int | None, force
             live_archive = read_archive(archive_path(model_store, name, live))
         except BrokenArchive:
             live_archive = None
-    summary = gate(archive, live_archive, force or rollback)
+    summary = gate(archive, live_archive, force, rollback)
     step(f"checked {archive.path.name}: {summary}")
     if archive.version not in registered:
         server.register(archive)
@@ -253,8 +254,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="past the accuracy gate")
     p.add_argument("--model-store", type=Path, default=Path(os.environ.get("KIT_MODEL_STORE", "model_store")),
                    help="(%(default)s)")
-    p.add_argument("--management", default=os.environ.get("KIT_MANAGEMENT", "http://127.0.0.1:8081"),
-                   help="TorchServe's management API (%(default)s)")
+    p.add_argument("--management", default=os.environ.get("KIT_MANAGEMENT") or management.default_address(),
+                   help="TorchServe's management API: unix:/path or http://host:port (%(default)s)")
     p.add_argument("--inference", default=os.environ.get("KIT_INFERENCE", "http://127.0.0.1:8080"),
                    help="TorchServe's inference API (%(default)s)")
     return p

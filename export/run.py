@@ -22,6 +22,7 @@ from export.data import RunData, load_run_data
 from export.report import update_report
 from export.versions import next_version, release_record, sample_pngs
 from handlers.spec import Spec
+from handlers.store import versions
 from training.checkpoint import write_json_atomic
 from training.config import check_name
 from training.errors import UserError
@@ -102,6 +103,8 @@ def export(config: ExportConfig) -> dict:
 
     spec_file = out_dir / "spec.json"
     version = next_version(config.model_store, config.name, spec, config.serving)
+    if version in versions(config.model_store).get(config.name, {}):
+        print(f"version {version} of {config.name} again: the same checkpoint and serving settings as its archives")
     pngs = sample_pngs(run_data[0].test.images)  # recorded with each archive's answers: make rollout checks them
     for name, (file_name, _, backend, suffix) in FORMATS.items():
         release = release_record(out_dir, file_name, backend, pngs, report["passed"],
