@@ -113,7 +113,7 @@ serve: venv java
 	if [ -z "$$TS_MANAGEMENT_ADDRESS" ]; then \
 	  TS_MANAGEMENT_ADDRESS=$$($(PY) -m handlers.management) || exit 1; export TS_MANAGEMENT_ADDRESS; fi; \
 	echo "management API: $$TS_MANAGEMENT_ADDRESS"; \
-	LOG_LOCATION METRICS_LOCATION=logs setsid $(VENV)/bin/torchserve --start --foreground --ncs \
+	LOG_LOCATION=logs METRICS_LOCATION=logs setsid $(VENV)/bin/torchserve --start --foreground --ncs \
 	  --ts-config config.properties --model-store $(MODEL_STORE) --models $$models & server=$$!; \
 	trap 'echo "stopping TorchServe"; kill -TERM -$$server 2>/dev/null' INT TERM; \
 	wait $$server; wait $$server; true
