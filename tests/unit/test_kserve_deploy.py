@@ -112,7 +112,8 @@ def test_the_validation_finds_mistakes():
 
 
 def test_a_canary_rollout_is_a_valid_edit_of_either_manifest():
-    """docs/deploy.md: a new storageUri with canaryTrafficPercent, applied over the running service."""
+    """docs/deploy.md: a new storageUri with canaryTrafficPercent, applied over the running service, then
+    promoted (100) or rolled back (0) by kubectl patch."""
     custom = copy.deepcopy(manifest("kit-modelserver.yaml"))
     custom["spec"]["predictor"]["canaryTrafficPercent"] = 10
     custom["spec"]["predictor"]["containers"][0]["env"][0]["value"] = "s3://BUCKET/image-classifier/model-store-v2"
@@ -121,6 +122,9 @@ def test_a_canary_rollout_is_a_valid_edit_of_either_manifest():
     runtime["spec"]["predictor"]["model"]["storageUri"] = "s3://BUCKET/image-classifier/kserve-store-v2"
     for data in (custom, runtime):
         assert problems_in_a_fresh_process(data) == []
+    for percent in (100, 0):  # the promote and rollback patches of docs/deploy.md
+        custom["spec"]["predictor"] |= {"canaryTrafficPercent": percent}
+        assert problems_in_a_fresh_process(custom) == []
 
 
 def parsed_server_arguments(args: list[str]) -> argparse.Namespace:
@@ -169,7 +173,7 @@ def test_kserve_store_holds_config_and_archives(exported_tiny, tmp_path):
     snapshot = json.loads(config["model_snapshot"])
     with zipfile.ZipFile(store / "tiny-torchscript.v1.mar") as mar:
         settings = yaml.safe_load(mar.read("model-config.yaml"))
-    assert snapshot["models"] == {"tiny-torchscript": {"1.0": {
+    assert snapshot["models"] == {"tiny-torchscript": {"1": {  # the archive's version
         "defaultVersion": True, "marName": "tiny-torchscript.v1.mar", "minWorkers": settings["minWorkers"],
         "maxWorkers": settings["maxWorkers"], "batchSize": settings["batchSize"],
         "maxBatchDelay": settings["maxBatchDelay"], "responseTimeout": settings["responseTimeout"]}}}
