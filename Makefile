@@ -207,4 +207,4 @@ fuzz: venv
 	$(PY) tests/fuzz_decode.py $(FUZZ_SECONDS)
 
 clean:
-	rm -rf artifacts logs model_store/*.mar .pytest_cache
+	rm -rf artifacts logs model_store/*.mar model_store/live.json .pytest_cache
