@@ -205,6 +205,19 @@ def test_runs_as_non_root_and_management_is_not_published(stack):
     assert inside.stdout.strip() == "200"  # operators reach it with docker compose exec
 
 
+def test_rollout_runs_inside_the_container_against_the_read_only_store(stack):
+    """docker/rollout (docs/deploy.md): the management API on the container's loopback, the live record in the
+    kit-state volume beside the read-only store."""
+    env = stack["env"]
+    missing = compose("exec", "-T", "torchserve", "rollout", "--name", "fmnist", "--version", "2", env=env,
+                      check=False)
+    assert missing.returncode != 0 and "version 2 of fmnist is not in /home/serve/model_store/" in missing.stderr
+    same = compose("exec", "-T", "torchserve", "rollout", "--name", "fmnist", env=env)
+    assert "version 1 of fmnist is already live" in same.stdout
+    live = compose("exec", "-T", "torchserve", "cat", "/home/serve/state/live.json", env=env)
+    assert json.loads(live.stdout)["fmnist"]["live"] == 1
+
+
 def test_metrics_port_is_published(stack, served_images):
     assert harness.predict(stack["url"], "fmnist", served_images[0][0], "image/png")[0] == 200
     status, body, _ = harness.http("GET", f"{stack['metrics']}/metrics")
