@@ -53,8 +53,12 @@ COPY config.properties docker/log4j2.xml /home/serve/
 # read the archives with its handlers/archive.py; TorchServe's workers use the handlers inside each
 # archive instead.
 COPY handlers/ /opt/kit/handlers/
+# make rollout / rollback from inside (docker/rollout; docs/versions.md): standard library and handlers/ only.
+COPY export/__init__.py export/rollout.py /opt/kit/export/
 COPY docker/healthcheck.py docker/memory_budget.py /opt/kit/docker/
-COPY docker/serve-kserve /opt/venv/bin/serve-kserve
+COPY docker/serve-kserve docker/serve docker/rollout /opt/venv/bin/
+# The live record (handlers/store.py) beside the read-only store: docker-compose.yml mounts a volume here.
+RUN install -d -o serve -g serve /home/serve/state
 # Inside its own network namespace the server listens on all interfaces; compose publishes
 # only 8080 and 8082 (TorchServe), 8085 and 8086 (serve-kserve). Logs go to stdout (log4j2.xml),
 # unpacked archives to /tmp.
@@ -63,12 +67,12 @@ ENV PATH=/opt/venv/bin:$PATH \
     TS_METRICS_ADDRESS=http://0.0.0.0:8082 \
     TS_MANAGEMENT_ADDRESS=http://127.0.0.1:8081 \
     LOG_LOCATION=/tmp/logs METRICS_LOCATION=/tmp/logs \
+    KIT_LIVE_FILE=/home/serve/state/live.json \
     PYTHONDONTWRITEBYTECODE=1
 USER serve
 WORKDIR /home/serve
 EXPOSE 8080 8082 8085 8086
 # First the memory check (docker/memory_budget.py: the models must fit the container's limit, or it
 # stops with one line saying what to change), then TorchServe in place of it.
-CMD ["python3", "/opt/kit/docker/memory_budget.py", "--", \
-     "torchserve", "--start", "--foreground", "--ncs", "--ts-config", "/home/serve/config.properties", \
-     "--model-store", "/home/serve/model_store", "--log-config", "/home/serve/log4j2.xml"]
+# TorchServe with the live version of each model, after the memory check (docker/serve).
+CMD ["serve"]

@@ -5,7 +5,10 @@
 #   make train NPROC=2         data-parallel over 2 processes (torchrun: gloo on CPUs, NCCL with one GPU each)
 #   make tune NAME=study TRIALS=20 TUNE_ARGS="--epochs 3"   hyperparameter search (Optuna) into artifacts/study/
 #   make export                TorchScript + ONNX, parity gate, archives in model_store/ (NAME=...)
-#   make serve                 TorchServe on 127.0.0.1:8080 in the foreground (Ctrl-C stops it)
+#   make serve                 TorchServe on 127.0.0.1:8080 in the foreground (Ctrl-C stops it), live versions
+#   make rollout NAME=x        the newest version of x behind the running make serve, no request dropped
+#                              (VERSION=n: that one; FORCE=1: past the accuracy gate)
+#   make rollback NAME=x       back to the version that was live before
 #   make serve-kserve          KServe's ModelServer (Open Inference Protocol): HTTP 127.0.0.1:8085, gRPC :8086
 #   make kserve-store          kserve-store/ (config/ + model-store/) for KServe's TorchServe runtime (deploy/kserve/)
 #   make samples               a few test images as PNG files in samples/, to send to the server
@@ -37,9 +40,9 @@ IMAGE ?=
 MODEL_NAME ?= $(NAME)
 MODEL_STORE ?= model_store
 
-.PHONY: venv data java browser postgresql train tune export serve serve-kserve kserve-store samples predict demo \
-        report test docker-offline image-size bench bench-train bench-export bench-serve bench-serve-sweep bench-photo \
-        profile-serve wrk \
+.PHONY: venv data java browser postgresql train tune export serve rollout rollback serve-kserve kserve-store \
+        samples predict demo report test docker-offline image-size bench bench-train bench-export bench-serve \
+        bench-serve-sweep bench-photo profile-serve wrk \
         fuzz lint clean help
 
 help:
@@ -110,16 +113,34 @@ tune: venv data
 export: venv
 	$(PY) -m export --name $(NAME) $(EXPORT_ARGS)
 
-# TorchServe in the foreground on loopback, serving every archive in model_store/.
+# TorchServe in the foreground on loopback, serving the live version of each model in model_store/
+# (the one last rolled out or back to, else the newest: handlers/store.py).
 serve: venv java
 	@ls $(MODEL_STORE)/*.mar >/dev/null 2>&1 || { echo "error: no archives in $(MODEL_STORE)/: run make train export first" >&2; exit 1; }
 	@mkdir -p logs
 	@# Own process group: Ctrl-C reaches only this shell, which stops the frontend and its workers
 	@# with SIGTERM (a graceful shutdown) instead of dumping a traceback from every worker.
-	@LOG_LOCATION=logs METRICS_LOCATION=logs setsid $(VENV)/bin/torchserve --start --foreground --ncs \
-	  --ts-config config.properties --model-store $(MODEL_STORE) & server=$$!; \
+	@# The management API on a Unix socket in a directory only this user may enter (docs/versions.md),
+	@# unless TS_MANAGEMENT_ADDRESS says otherwise.
+	@models=$$($(PY) -m handlers.store --models $(MODEL_STORE)) || exit 1; echo "serving $$models"; \
+	if [ -z "$$TS_MANAGEMENT_ADDRESS" ]; then \
+	  TS_MANAGEMENT_ADDRESS=$$($(PY) -m handlers.management) || exit 1; export TS_MANAGEMENT_ADDRESS; fi; \
+	echo "management API: $$TS_MANAGEMENT_ADDRESS"; \
+	LOG_LOCATION=logs METRICS_LOCATION=logs setsid $(VENV)/bin/torchserve --start --foreground --ncs \
+	  --ts-config config.properties --model-store $(MODEL_STORE) --models $$models & server=$$!; \
 	trap 'echo "stopping TorchServe"; kill -TERM -$$server 2>/dev/null' INT TERM; \
 	wait $$server; wait $$server; true
+
+VERSION ?=
+FORCE ?=
+
+# Another version of NAME behind the running make serve (docs/versions.md).
+rollout: venv
+	@$(PY) -m export.rollout --name $(NAME) --model-store $(MODEL_STORE) $(if $(VERSION),--version $(VERSION)) \
+	  $(if $(FORCE),--force)
+
+rollback: venv
+	@$(PY) -m export.rollout --name $(NAME) --model-store $(MODEL_STORE) --rollback
 
 KSERVE_HTTP_PORT ?= 8085
 KSERVE_GRPC_PORT ?= 8086
@@ -231,4 +252,4 @@ fuzz: venv
 	$(PY) tests/fuzz_decode.py $(FUZZ_SECONDS)
 
 clean:
-	rm -rf artifacts logs model_store/*.mar .pytest_cache
+	rm -rf artifacts logs model_store/*.mar model_store/live.json .pytest_cache

@@ -25,6 +25,7 @@ import harness  # noqa: E402
 from serve_load import LUA, noop_archive  # noqa: E402
 
 from export.data import load_run_data  # noqa: E402
+from handlers.store import served as live_archives  # noqa: E402
 from training.samples import save_png  # noqa: E402
 
 PY_SPY = Path(sys.executable).parent / "py-spy"
@@ -55,8 +56,9 @@ def main() -> int:
     args = p.parse_args()
     if not PY_SPY.is_file() or shutil.which("wrk") is None:
         raise SystemExit("error: needs py-spy (make venv) and wrk (apt-get install wrk)")
-    kit_archive = ROOT / "model_store" / f"{args.name}.mar"
-    if not kit_archive.is_file():
+    live = live_archives(ROOT / "model_store")  # the live version of each name, as make serve serves it
+    kit_archive = live.get(args.name)
+    if kit_archive is None:
         raise SystemExit(f"error: run `make train export NAME={args.name}` first")
     archive = args.archive or args.name
     with tempfile.TemporaryDirectory() as scratch:
@@ -65,8 +67,8 @@ def main() -> int:
         store.mkdir()
         if archive == "noop":
             noop_archive(kit_archive, store, "noop")
-        elif (ROOT / "model_store" / f"{archive}.mar").is_file():
-            shutil.copy(ROOT / "model_store" / f"{archive}.mar", store)
+        elif archive in live:
+            shutil.copy(live[archive], store)
         else:
             raise SystemExit(f"error: no model_store/{archive}.mar")
         image = scratch / "test-image.png"

@@ -54,6 +54,7 @@ from export.data import load_run_data  # noqa: E402
 from export.parity import onnxruntime_runner  # noqa: E402
 from handlers.archive import MODEL_CONFIG, read_archive  # noqa: E402
 from handlers.spec import Spec  # noqa: E402
+from handlers.store import served as live_archives  # noqa: E402
 from training.checkpoint import CHECKPOINT_FORMAT, load_torch_file  # noqa: E402
 from training.loop import normalize, per_channel  # noqa: E402
 from training.models import architecture, conv_bn, conv_pool_bn  # noqa: E402
@@ -205,7 +206,8 @@ def main() -> int:
         raise SystemExit("error: wrk is not installed: apt-get install wrk (make bench-serve does this)")
     wanted = None if args.targets == "all" else set(args.targets.split(",")) | {"noop", "kit"}
     out_dir, store_dir = ROOT / "artifacts" / args.name, ROOT / "model_store"
-    kit_archive = store_dir / f"{args.name}.mar"
+    live = live_archives(store_dir)  # the live version of each name, as make serve serves it
+    kit_archive = live.get(args.name, store_dir / f"{args.name}.mar")
     if not kit_archive.is_file() or not (out_dir / "checkpoint.pt").is_file():
         raise SystemExit(f"error: run `make train export NAME={args.name}` first")
     spec = Spec.read(out_dir / "spec.json")
@@ -229,11 +231,11 @@ def main() -> int:
                 noop_archive(kit_archive, store, names[key])
             elif key == "baseline":
                 baseline_archive(out_dir, store, names[key])
-            elif (store_dir / f"{names[key]}.mar").is_file():
-                shutil.copy(store_dir / f"{names[key]}.mar", store)
+            elif names[key] in live:
+                shutil.copy(live[names[key]], store)
             else:
                 print(f"note: no {store_dir / names[key]}.mar, so no {key} row (make export writes it)")
-        served = [key for key in served if (store / f"{names[key]}.mar").is_file()]
+        served = [key for key in served if names[key] in live_archives(store)]
         script = scratch / "post.lua"
         script.write_text(LUA)
         server = harness.start(store, scratch / "ts", [names[key] for key in served])

@@ -7,6 +7,8 @@ cors_allowed_origin=http://127.0.0.1:8090, the default address here. Serving the
 (--port, --host) means changing that line, or TS_CORS_ALLOWED_ORIGIN for `make serve`, to match.
   python -m demo                                   # http://127.0.0.1:8090/, TorchServe on 8080/8081
   python -m demo --inference http://127.0.0.1:9080 --management http://127.0.0.1:9081
+A management API on a Unix socket (what `make serve` uses, handlers/management.py), which a browser
+cannot reach, is passed on by this server under /management/: only GET /models and GET /models/<name>.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
+
+from handlers import management
 
 DEMO_DIR = Path(__file__).resolve().parent
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8090
@@ -37,8 +41,8 @@ def origin(host: str, port: int) -> str:
 
 
 def make_handler(settings: dict) -> type[BaseHTTPRequestHandler]:
-    """Static files from FILES, and /config.json: the endpoints the page talks to by default."""
-    config = json.dumps(settings).encode()
+    """Static files from FILES, /config.json: the endpoints the page talks to by default, and where the
+    management API is a Unix socket, its two read-only routes under /management/."""
 
     class DemoHandler(BaseHTTPRequestHandler):
         server_version = "kit-demo"
@@ -52,7 +56,10 @@ def make_handler(settings: dict) -> type[BaseHTTPRequestHandler]:
         def answer(self, with_body: bool) -> None:
             path = urlsplit(self.path).path
             if path == "/config.json":
-                body, content_type = config, "application/json"
+                body, content_type = json.dumps(settings["page"]).encode(), "application/json"
+            elif settings.get("socket") and path.startswith("/management/models"):
+                self.pass_on(with_body)
+                return
             elif path in FILES:
                 file_name, content_type = FILES[path]
                 body = (DEMO_DIR / file_name).read_bytes()
@@ -68,6 +75,22 @@ def make_handler(settings: dict) -> type[BaseHTTPRequestHandler]:
             if with_body:
                 self.wfile.write(body)
 
+        def pass_on(self, with_body: bool) -> None:
+            forwarded = self.path.removeprefix("/management")
+            if forwarded.split("?", 1)[0].count("/") > 2:  # /models or /models/<name>, nothing else
+                self.send_error(HTTPStatus.NOT_FOUND, "not part of the demo page")
+                return
+            try:
+                status, body = management.request(settings["socket"], "GET", forwarded, timeout=10)
+            except OSError as error:
+                status, body = 502, json.dumps({"message": f"no TorchServe at {settings['socket']}: {error}"}).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if with_body:
+                self.wfile.write(body)
+
         def log_message(self, format, *args):  # noqa: A002 (http.server's signature)
             pass  # the page loads four files: no log line per file
 
@@ -76,8 +99,11 @@ def make_handler(settings: dict) -> type[BaseHTTPRequestHandler]:
 
 def start(host: str, port: int, inference: str, management: str) -> ThreadingHTTPServer:
     """The demo server, answering in a background thread until `stop(server)` (tests use this)."""
-    settings = {"inference": inference.rstrip("/"), "management": management.rstrip("/"), "protocol": "torchserve"}
+    page = {"inference": inference.rstrip("/"), "management": management.rstrip("/"), "protocol": "torchserve"}
+    settings = {"page": page, "socket": management if management.startswith("unix:") else None}
     server = ThreadingHTTPServer((host, port), make_handler(settings))
+    if settings["socket"]:  # the page asks this server, which passes the requests on to the socket
+        page["management"] = f"{origin(host, server.server_address[1])}/management"
     threading.Thread(target=server.serve_forever, name="demo-server", daemon=True).start()
     return server
 
@@ -93,8 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (%(default)s)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="(%(default)s)")
     p.add_argument("--inference", default="http://127.0.0.1:8080", help="TorchServe's inference API (%(default)s)")
-    p.add_argument("--management", default="http://127.0.0.1:8081",
-                   help="TorchServe's management API: the model list and metadata (%(default)s)")
+    p.add_argument("--management", default=management.default_address(),
+                   help="TorchServe's management API: the model list and metadata; unix:/path (make serve's) "
+                        "or http://host:port (%(default)s)")
     args = p.parse_args(argv)
     try:
         server = start(args.host, args.port, args.inference, args.management)

@@ -31,6 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the kit's folder: its handlers/ package
 from handlers.archive import BrokenArchive, read_archive  # noqa: E402
+from handlers.store import served  # noqa: E402
 
 MB = 2**20
 FRONTEND_MB = 700
@@ -59,7 +60,7 @@ class ServedModel:
 def served_models(model_store: Path) -> tuple[list[ServedModel], list[str]]:
     """The archives' settings, and the archives that cannot be read (the health check names those)."""
     models, unreadable = [], []
-    for path in sorted(model_store.glob("*.mar")):
+    for path in served(model_store).values():  # the versions TorchServe starts with (handlers/store.py)
         try:
             archive = read_archive(path)
         except BrokenArchive:

@@ -1,9 +1,14 @@
 """TorchServe archives (.mar) with torch-model-archiver, built in a scratch folder inside
-model_store/ and renamed into place, so a failed build never replaces a good archive."""
+model_store/ and renamed into place, so a failed build never replaces a good archive.
+
+Each archive is one version of its name: model_store/<name>.v<N>.mar (handlers/store.py), with N in
+TorchServe's manifest and in the spec it carries, and release.json (export/versions.py): the export
+gates' outcome, the test accuracy and a few test images with the answers this archive gives them."""
 
 from __future__ import annotations
 
 import ast
+import json
 import os
 import shutil
 import subprocess
@@ -14,7 +19,9 @@ from pathlib import Path
 
 import yaml
 
-from handlers.archive import DEFAULT_MAX_PIXELS, MODEL_CONFIG
+from handlers.archive import DEFAULT_MAX_PIXELS, MODEL_CONFIG, RELEASE, SPEC
+from handlers.spec import Spec
+from handlers.store import archive_path
 from training.errors import UserError
 
 HANDLERS_DIR = Path(__file__).resolve().parents[1] / "handlers"
@@ -66,20 +73,25 @@ def ensure_writable(model_store: Path) -> None:
 
 
 def build_archive(model_name: str, model_file: Path, spec_file: Path, backend: str, model_store: Path,
-                  serving: ServingConfig) -> Path:
-    """Packs model + spec + handlers + model-config.yaml into model_store/<model_name>.mar."""
+                  serving: ServingConfig, version: int = 1, release: dict | None = None) -> Path:
+    """Packs model + spec (carrying `version`) + release.json + handlers + model-config.yaml into
+    model_store/<model_name>.v<version>.mar."""
     scratch = Path(tempfile.mkdtemp(dir=model_store, prefix=f".build-{model_name}-"))
     try:
         package = scratch / "extra" / "handlers"  # the archiver copies a folder's contents: nest it once
         package.mkdir(parents=True)
         for module in handler_modules():
             shutil.copy2(HANDLERS_DIR / module, package / module)
+        versioned_spec = scratch / "extra" / SPEC
+        versioned_spec.write_text(Spec.read(spec_file).with_version(version).to_json())
+        (scratch / "extra" / RELEASE).write_text(json.dumps({"version": version, **(release or {})}))
         config_file = scratch / MODEL_CONFIG
         config_file.write_text(yaml.safe_dump(serving.model_config(backend), sort_keys=False))
         (scratch / "tmp").mkdir()
-        command = [ARCHIVER, "--model-name", model_name, "--version", "1.0", "--serialized-file", str(model_file),
+        command = [ARCHIVER, "--model-name", model_name, "--version", str(version),
+                   "--serialized-file", str(model_file),
                    "--handler", str(HANDLERS_DIR / "torchserve_handler.py"),
-                   "--extra-files", f"{scratch / 'extra'},{spec_file}", "--config-file", str(config_file),
+                   "--extra-files", str(scratch / "extra"), "--config-file", str(config_file),
                    "--export-path", str(scratch), "--archive-format", "default", "--force"]
         # The archiver stages files in $TMPDIR/<model name> and deletes that first: keep it private.
         env = {**os.environ, "TMPDIR": str(scratch / "tmp")}
@@ -93,7 +105,7 @@ def build_archive(model_name: str, model_file: Path, spec_file: Path, backend: s
             raise UserError(f"torch-model-archiver failed for {model_name} (exit {result.returncode}): {last}")
         with open(built, "rb") as f:  # on disk before it replaces the old archive
             os.fsync(f.fileno())
-        target = model_store / f"{model_name}.mar"
+        target = archive_path(model_store, model_name, version)
         os.replace(built, target)
         return target
     finally:

@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 from handlers.archive import read_archive
+from handlers.store import served
 from training.errors import UserError
 
 BACKENDS = ("onnxruntime", "torchscript")
@@ -74,7 +75,7 @@ def config_properties(archives: list[Path], model_store: str = f"{MOUNT}/model-s
 
 
 def select(model_store: Path, backends: tuple[str, ...]) -> list[Path]:
-    chosen = [path for path in sorted(model_store.glob("*.mar"))
+    chosen = [path for path in served(model_store).values()  # the live version of each name
               if read_archive(path).settings.backend in backends]
     if not chosen:
         raise UserError(f"no archive in {model_store}/ uses {' or '.join(backends)}: run make train export first")

@@ -25,8 +25,10 @@ import torch
 
 from export.archive import ServingConfig, build_archive
 from export.data import RunData
+from export.versions import release_record
 from handlers.pipeline import onnxruntime_backend, threads_per_worker
 from handlers.spec import Spec
+from handlers.store import archive_path
 from training.checkpoint import write_json_atomic
 from training.loop import batches, normalize, per_channel
 
@@ -136,16 +138,17 @@ def format_table(result: dict) -> str:
 
 
 def export_int8(name: str, out_dir: Path, spec: Spec, run_data: RunData, test_batches: Callable[[], Iterable],
-                report: dict, model_store: Path, serving: ServingConfig, gate: Int8Gate = Int8Gate()) -> Path | None:
+                report: dict, model_store: Path, serving: ServingConfig, gate: Int8Gate = Int8Gate(),
+                version: int = 1, pngs: list[bytes] = ()) -> Path | None:
     """Quantizes (calibrated on `run_data`'s training split), gates on `test_batches`, records the
     result in report["int8"] (and parity.json), archives on a pass.
 
     Returns the archive, or None after printing one line that says why there is none. A failed gate
-    also removes an INT8 archive left by an earlier export: it would serve an older model.
+    also removes an INT8 archive of this version left by an earlier export: it would serve an older model.
     """
     fp32_model = out_dir / "model.onnx"
     pending = out_dir / f".pending-{INT8_FILE}"
-    archive = model_store / f"{name}{ARCHIVE_SUFFIX}.mar"
+    archive = archive_path(model_store, f"{name}{ARCHIVE_SUFFIX}", version)
     try:
         try:
             quantize(fp32_model, pending, calibration_batches(run_data, spec, gate.calibration_images))
@@ -168,7 +171,8 @@ def export_int8(name: str, out_dir: Path, spec: Spec, run_data: RunData, test_ba
         archive.unlink(missing_ok=True)
         print(f"int8: no archive{' (removed the earlier one)' if stale else ''}: {result['why_not']}")
         return None
-    built = build_archive(archive.stem, out_dir / INT8_FILE, out_dir / "spec.json", "onnxruntime", model_store,
-                          serving)
+    release = release_record(out_dir, INT8_FILE, "onnxruntime", list(pngs), result["passed"], result["test_accuracy"])
+    built = build_archive(f"{name}{ARCHIVE_SUFFIX}", out_dir / INT8_FILE, out_dir / "spec.json", "onnxruntime",
+                          model_store, serving, version, release)
     print(f"wrote {built} ({built.stat().st_size / 1e6:.1f} MB, onnxruntime int8)")
     return built

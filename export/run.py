@@ -20,7 +20,9 @@ from export.archive import ServingConfig, build_archive, ensure_writable
 from export.checkpoint import load_trained
 from export.data import RunData, load_run_data
 from export.report import update_report
+from export.versions import next_version, release_record, sample_pngs
 from handlers.spec import Spec
+from handlers.store import versions
 from training.checkpoint import write_json_atomic
 from training.config import check_name
 from training.errors import UserError
@@ -100,13 +102,19 @@ def export(config: ExportConfig) -> dict:
             path.unlink(missing_ok=True)
 
     spec_file = out_dir / "spec.json"
-    for file_name, _, backend, suffix in FORMATS.values():
+    version = next_version(config.model_store, config.name, spec, config.serving)
+    if version in versions(config.model_store).get(config.name, {}):
+        print(f"version {version} of {config.name} again: the same checkpoint and serving settings as its archives")
+    pngs = sample_pngs(run_data[0].test.images)  # recorded with each archive's answers: make rollout checks them
+    for name, (file_name, _, backend, suffix) in FORMATS.items():
+        release = release_record(out_dir, file_name, backend, pngs, report["passed"],
+                                 report["formats"][name]["test_accuracy"])
         archive = build_archive(config.name + suffix, out_dir / file_name, spec_file, backend,
-                                config.model_store, config.serving)
-        print(f"wrote {archive} ({archive.stat().st_size / 1e6:.1f} MB, {backend})")
+                                config.model_store, config.serving, version, release)
+        print(f"wrote {archive} ({archive.stat().st_size / 1e6:.1f} MB, {backend}, version {version})")
     # INT8 (its own gate; a failure leaves the two archives above in place)
     quantize.export_int8(config.name, out_dir, spec, run_data, test_batches, report, config.model_store,
-                         config.serving)
+                         config.serving, version=version, pngs=pngs)
     update_report(out_dir, config.model_store)
     print(f"export took {time.perf_counter() - started:.1f}s")
     return report

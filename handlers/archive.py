@@ -3,7 +3,9 @@
 A kit archive is a zip that torch-model-archiver writes (export/archive.py):
   MAR-INF/MANIFEST.json   TorchServe's manifest: model name, version, the serialized model's file name
   model-config.yaml       TorchServe's worker and batching settings, and the kit's `handler:` section
-  spec.json               the model's spec (handlers/spec.py)
+  spec.json               the model's spec (handlers/spec.py), carrying the archive's version
+  release.json            what export found: its gates' outcome, the test accuracy and a few test
+                          images with this archive's answers (export/versions.py; make rollout checks them)
   <serialized file>       model.onnx or model.torchscript.pt
   handlers/...            this package, which TorchServe's workers import
 
@@ -28,6 +30,7 @@ from handlers.spec import Spec
 MANIFEST = "MAR-INF/MANIFEST.json"
 MODEL_CONFIG = "model-config.yaml"
 SPEC = "spec.json"
+RELEASE = "release.json"
 BACKENDS = ("onnxruntime", "torchscript")
 DEFAULT_MAX_PIXELS = 24_000_000  # a 24-megapixel photo decodes to 72 MB of RGB: refuse beyond that
 
@@ -71,6 +74,7 @@ class Archive:
     settings: HandlerSettings
     spec: Spec
     model_bytes: int  # the serialized model's size in the archive
+    release: dict | None = None  # release.json (archives of older kits have none)
 
     @property
     def workers(self) -> int:
@@ -99,8 +103,11 @@ def read_archive(path: Path) -> Archive:
             settings = HandlerSettings.from_model_config(model_config, manifest["serializedFile"])
             spec = Spec.from_json(mar.read(SPEC), f"{path}:{SPEC}")
             model_bytes = mar.getinfo(settings.model_file).file_size
+            release = json.loads(mar.read(RELEASE)) if RELEASE in mar.namelist() else None
+            if release is not None and not isinstance(release, dict):
+                raise ValueError(f"{RELEASE} is not a JSON object")
             return Archive(path, manifest["modelName"], str(manifest.get("modelVersion", "1.0")), model_config,
-                           settings, spec, model_bytes)
+                           settings, spec, model_bytes, release)
     except (OSError, KeyError, ValueError, TypeError, AttributeError, zipfile.BadZipFile, yaml.YAMLError,
             UserError) as error:
         raise BrokenArchive(path, str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"

@@ -64,8 +64,8 @@ def image_bytes_of_row(row: dict) -> bytes:
 
 
 def predictions_json(rows: list[dict], classifier: Classifier) -> list[str | ClientError]:
-    """POST /predictions for a batch of request rows: per row, its answer {"label", "index", "probabilities"}
-    as the JSON text json.dumps writes for it, or its ClientError. The good images go through one
+    """POST /predictions for a batch of request rows: per row, its answer {"label", "index", "probabilities",
+    "model_version"} as the JSON text json.dumps writes for it, or its ClientError. The good images go through one
     forward pass, normalized as one batch (the same values as one image at a time)."""
     pixels: list[np.ndarray] = []
     outcome: list[int | ClientError] = []  # per row: its row of the probabilities, or its error
@@ -77,8 +77,14 @@ def predictions_json(rows: list[dict], classifier: Classifier) -> list[str | Cli
             outcome.append(error)
     if not pixels:
         return outcome
-    answers = results_json(probabilities_of_pixels(pixels, classifier), classifier.spec.class_names)
+    answers = results_json(probabilities_of_pixels(pixels, classifier), classifier.spec.class_names,
+                           model_version(classifier.spec))
     return [entry if isinstance(entry, ClientError) else answers[entry] for entry in outcome]
+
+
+def model_version(spec) -> str | None:
+    """The version an answer names: the archive's (the spec inside it carries it), as the protocol's string."""
+    return None if spec.version is None else str(spec.version)
 
 
 def model_batch(inputs: list[oip.Tensor], classifier: Classifier) -> np.ndarray:

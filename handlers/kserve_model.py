@@ -26,6 +26,7 @@ from handlers.archive import read_archive
 from handlers.batching import AdaptiveBatcher
 from handlers.errors import ClientError, UserError
 from handlers.pipeline import Classifier, load_classifier
+from handlers.store import served
 
 # `import kserve` parses sys.argv with the ModelServer's own parser (kserve/model_server.py builds it at
 # import time): hide this process's arguments from it, so importing this module never depends on them.
@@ -137,7 +138,7 @@ def load_archive(path: Path, workers: int = 1, threads: int = 0, batch_images: i
 
 def load_store(model_store: Path, workers: int = 1, threads: int = 0,
                batch_images: int = 0) -> list[ArchivedClassifier]:
-    archives = sorted(model_store.glob("*.mar"))
+    archives = list(served(model_store).values())  # the live version of each name (handlers/store.py)
     if not archives:
         raise UserError(f"no archives in {model_store}/: run make train export first")
     models = [load_archive(path, workers, threads, batch_images) for path in archives]

@@ -134,29 +134,34 @@ def probabilities_of_pixels(pixels: list[np.ndarray], classifier: Classifier) ->
     return softmax(classifier.infer(normalized_batch(pixels, classifier)))
 
 
-def results(probabilities: np.ndarray, class_names: list[str]) -> list[dict]:
-    """Probabilities (N, classes) -> one {"label", "index", "probabilities"} per image, classes in order."""
+def results(probabilities: np.ndarray, class_names: list[str], model_version: str | None = None) -> list[dict]:
+    """Probabilities (N, classes) -> one {"label", "index", "probabilities", "model_version"} per image, classes
+    in order; `model_version` names the archive's version that answered."""
     answers = []
     for row, index in zip(probabilities.tolist(), probabilities.argmax(axis=1).tolist()):
-        answers.append({"label": class_names[index], "index": index, "probabilities": dict(zip(class_names, row))})
+        answers.append({"label": class_names[index], "index": index, "probabilities": dict(zip(class_names, row)),
+                        "model_version": model_version})
     return answers
 
 
 @functools.lru_cache(maxsize=8)
-def json_template(class_names: tuple[str, ...]) -> tuple[str, tuple[str, ...]]:
-    """A %-format string for one answer, and each label as a JSON string: what json.dumps writes."""
+def json_template(class_names: tuple[str, ...], model_version: str | None = None) -> tuple[str, tuple[str, ...]]:
+    """A %-format string for one answer, and each label as a JSON string: what json.dumps writes. The
+    version is a constant of the template, so it costs an answer nothing."""
     keys = ", ".join(json.dumps(name).replace("%", "%%") + ": %r" for name in class_names)
-    return '{"label": %s, "index": %d, "probabilities": {' + keys + "}}", tuple(map(json.dumps, class_names))
+    version = json.dumps(model_version).replace("%", "%%")
+    return ('{"label": %s, "index": %d, "probabilities": {' + keys + '}, "model_version": ' + version + "}",
+            tuple(map(json.dumps, class_names)))
 
 
-def results_json(probabilities: np.ndarray, class_names: list[str]) -> list[str]:
+def results_json(probabilities: np.ndarray, class_names: list[str], model_version: str | None = None) -> list[str]:
     """The same answers as `results`, each as the text `json.dumps` gives for it, about 10x faster.
 
     A float's repr is what json.dumps writes for it; a non-finite probability (a broken model) is
     left to json.dumps itself, which writes NaN/Infinity its own way.
     """
     if not np.isfinite(probabilities).all():
-        return [json.dumps(answer) for answer in results(probabilities, class_names)]
-    template, labels = json_template(tuple(class_names))
+        return [json.dumps(answer) for answer in results(probabilities, class_names, model_version)]
+    template, labels = json_template(tuple(class_names), model_version)
     return [template % (labels[index], index, *row)
             for row, index in zip(probabilities.tolist(), probabilities.argmax(axis=1).tolist())]

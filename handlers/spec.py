@@ -65,6 +65,7 @@ class Spec:
     python_version: str = ""
     created: str = ""
     checkpoint_sha256: str | None = None  # set once the checkpoint is written
+    version: int | None = None  # the archive's version of this name (make export mints it; docs/versions.md)
 
     @property
     def num_classes(self) -> int:
@@ -81,8 +82,9 @@ class Spec:
         ordered = {"format": FORMAT, "name": self.name, "arch": self.arch, "arch_args": self.arch_args,
                    "model": self.model, "num_classes": self.num_classes}
         ordered.update((key, value) for key, value in fields.items() if key not in ordered)
-        if self.checkpoint_sha256 is None:
-            del ordered["checkpoint_sha256"]
+        for optional in ("checkpoint_sha256", "version"):
+            if ordered[optional] is None:
+                del ordered[optional]
         return ordered
 
     def to_json(self) -> str:
@@ -90,6 +92,9 @@ class Spec:
 
     def with_checkpoint(self, sha256: str) -> Spec:
         return dataclasses.replace(self, checkpoint_sha256=sha256)
+
+    def with_version(self, version: int) -> Spec:
+        return dataclasses.replace(self, version=version)
 
     @classmethod
     def from_dict(cls, record: Any, source: str = "spec") -> Spec:

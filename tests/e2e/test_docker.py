@@ -158,7 +158,7 @@ def test_container_predictions_match_in_process_eager(stack, served_images, mode
 def test_the_image_serves_the_torchscript_archive_written_by_training_torch(stack, exported, served_images):
     """The torch pin policy (docs/deploy.md): the image's torch is at most one minor version older than the
     torch that wrote the TorchScript archive, and it loads and serves that archive as eager answers."""
-    spec = read_archive(exported[1] / "fmnist-torchscript.mar").spec
+    spec = read_archive(exported[1] / "fmnist-torchscript.v1.mar").spec
     served = compose(*PROFILE, "exec", "-T", "torchserve", "python3", "-c", "import torch; print(torch.__version__)",
                      env=stack["env"]).stdout.strip()
     assert minor_versions_behind(served, spec.torch_version) in (0, 1), (served, spec.torch_version)
@@ -203,6 +203,19 @@ def test_runs_as_non_root_and_management_is_not_published(stack):
     inside = compose("exec", "-T", "torchserve", "python3", "-c",
                      "import urllib.request as u; print(u.urlopen('http://127.0.0.1:8081/models').status)", env=env)
     assert inside.stdout.strip() == "200"  # operators reach it with docker compose exec
+
+
+def test_rollout_runs_inside_the_container_against_the_read_only_store(stack):
+    """docker/rollout (docs/deploy.md): the management API on the container's loopback, the live record in the
+    kit-state volume beside the read-only store."""
+    env = stack["env"]
+    missing = compose("exec", "-T", "torchserve", "rollout", "--name", "fmnist", "--version", "2", env=env,
+                      check=False)
+    assert missing.returncode != 0 and "version 2 of fmnist is not in /home/serve/model_store/" in missing.stderr
+    same = compose("exec", "-T", "torchserve", "rollout", "--name", "fmnist", env=env)
+    assert "version 1 of fmnist is already live" in same.stdout
+    live = compose("exec", "-T", "torchserve", "cat", "/home/serve/state/live.json", env=env)
+    assert json.loads(live.stdout)["fmnist"]["live"] == 1
 
 
 def test_metrics_port_is_published(stack, served_images):

@@ -15,6 +15,7 @@ from PIL import Image
 
 import demo.server as demo
 from handlers.image import open_image, to_pixels
+from handlers.store import served as served_archives
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser, pytest.mark.slow]
 MODELS = ["fmnist", "fmnist-torchscript"]
@@ -97,7 +98,7 @@ def test_the_page_lists_the_models_and_shows_what_the_endpoint_answers(page, bro
     url, server = page
     images, _, class_names = served_images
     open_page(browser, url)
-    served = sorted(path.stem for path in exported[1].glob("*.mar"))  # with -int8 where export wrote it
+    served = sorted(served_archives(exported[1]))  # with -int8 where export wrote it
     assert body_attribute(browser, "models").split(",") == served  # from the management API's /models
     assert body_attribute(browser, "model") == "fmnist" and body_attribute(browser, "spec") == "yes"
     info = browser.find_element(By.ID, "model-info").text

@@ -51,9 +51,9 @@ def test_a_broken_archive_beside_a_good_one_is_named_with_why(exported, tmp_path
     _, model_store = exported
     store = tmp_path / "store"
     store.mkdir()
-    shutil.copy(model_store / "fmnist.mar", store)
+    shutil.copy(model_store / "fmnist.v1.mar", store)
     (store / "broken.mar").write_bytes(b"PK\x03\x04 this was cut off in the middle of a copy")
-    with zipfile.ZipFile(model_store / "fmnist.mar") as good, zipfile.ZipFile(store / "failing.mar", "w") as bad:
+    with zipfile.ZipFile(model_store / "fmnist.v1.mar") as good, zipfile.ZipFile(store / "failing.mar", "w") as bad:
         for item in good.infolist():
             data = good.read(item)
             if item.filename == "MAR-INF/MANIFEST.json":
@@ -83,4 +83,4 @@ def test_a_broken_archive_beside_a_good_one_is_named_with_why(exported, tmp_path
     assert line.startswith("unhealthy: ") and "\n" not in line
     assert "broken.mar: not loaded: not a readable model archive (BadZipFile" in line, line
     assert "failing: no READY worker: loading failed: " in line and "ONNX" in line.split("failing:")[1], line
-    assert "fmnist:" not in line.replace("fmnist.mar", "")  # the good one is not named
+    assert "fmnist:" not in line.replace("fmnist.v1.mar", "")  # the good one is not named

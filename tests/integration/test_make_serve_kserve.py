@@ -14,6 +14,8 @@ import pytest
 import tritonclient.grpc as triton_grpc
 from helpers import ROOT
 
+from handlers.store import served as served_archives
+
 pytestmark = pytest.mark.integration
 
 
@@ -33,7 +35,7 @@ def test_make_serve_kserve_serves_every_archive_and_ctrl_c_stops_it(exported, se
     try:
         server.wait_ready(["fmnist", "fmnist-torchscript"])
         status, body, _ = harness.http("GET", f"{server.http}/v2/models")
-        assert status == 200 and sorted(json.loads(body)["models"]) == sorted(p.stem for p in model_store.glob("*.mar"))
+        assert status == 200 and sorted(json.loads(body)["models"]) == sorted(served_archives(model_store))
         assert triton_grpc.InferenceServerClient(server.grpc).is_server_ready()
         started = harness.descendants(process.pid)  # make and the server
         harness.stop_like_ctrl_c(process, started, f"{server.http}/v2/health/live")

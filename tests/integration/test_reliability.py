@@ -84,7 +84,7 @@ def lone_server(exported, tmp_path_factory):
     """A TorchServe of its own (these tests kill workers and load it hard), serving the FP32 archive."""
     _, model_store = exported
     store = tmp_path_factory.mktemp("reliability-store")
-    shutil.copy(model_store / f"{MODEL}.mar", store)
+    shutil.copy(model_store / f"{MODEL}.v1.mar", store)
     server = harness.start(store, tmp_path_factory.mktemp("torchserve-reliability"), [MODEL])
     yield server
     server.stop()
@@ -366,7 +366,7 @@ def test_overload_past_the_job_queue_is_a_503_and_the_client_retries(exported, t
     _, model_store = exported
     store = tmp_path / "store"
     store.mkdir()
-    shutil.copy(model_store / f"{MODEL}.mar", store)
+    shutil.copy(model_store / f"{MODEL}.v1.mar", store)
     server = harness.start(store, tmp_path / "torchserve", [MODEL], extra_config="job_queue_size=4")
     try:
         pngs = served_images[0]

@@ -67,7 +67,7 @@ def test_two_processes_train_one_model_as_well_as_one_process(tmp_path):
     record = torch.load(artifacts / "two" / "checkpoint.pt", weights_only=True)
     assert not any(key.startswith("module.") for key in record["state_dict"])  # the bare model
     report = export(ExportConfig("two", artifacts, tmp_path / "model_store"))
-    assert report["passed"] and (tmp_path / "model_store" / "two.mar").is_file()
+    assert report["passed"] and (tmp_path / "model_store" / "two.v1.mar").is_file()
 
 
 def worker_pid(parent: int, rank: int) -> int | None:

@@ -54,7 +54,7 @@ def test_archives_hold_model_handlers_spec_and_config(exported_tiny):
     _, store = exported_tiny
     for name, model_file, backend in (("tiny", "model.onnx", "onnxruntime"),
                                       ("tiny-torchscript", "model.torchscript.pt", "torchscript")):
-        with zipfile.ZipFile(store / f"{name}.mar") as mar:
+        with zipfile.ZipFile(store / f"{name}.v1.mar") as mar:
             names = set(mar.namelist())
             assert {model_file, "spec.json", "torchserve_handler.py", "model-config.yaml", "MAR-INF/MANIFEST.json",
                     "handlers/__init__.py", "handlers/image.py", "handlers/oip.py", "handlers/pipeline.py"} <= names
@@ -77,7 +77,7 @@ def copied(tiny_run, tmp_path):
 def test_a_broken_export_fails_the_gate_and_leaves_the_old_archive(copied, monkeypatch):
     artifacts, store = copied
     export(ExportConfig("tiny", artifacts, store))
-    good_archive = (store / "tiny-torchscript.mar").read_bytes()
+    good_archive = (store / "tiny-torchscript.v1.mar").read_bytes()
     original = convert.to_torchscript
 
     def perturbed(model, spec, path, examples):  # a TorchScript file that differs from eager
@@ -87,15 +87,15 @@ def test_a_broken_export_fails_the_gate_and_leaves_the_old_archive(copied, monke
         original(broken.eval(), spec, path, examples)
 
     monkeypatch.setattr(convert, "to_torchscript", perturbed)
-    (store / "tiny-torchscript.mar").write_bytes(good_archive)
-    stamp = (store / "tiny.mar").stat().st_mtime_ns
+    (store / "tiny-torchscript.v1.mar").write_bytes(good_archive)
+    stamp = (store / "tiny.v1.mar").stat().st_mtime_ns
     with pytest.raises(UserError, match="parity gate failed"):
         export(ExportConfig("tiny", artifacts, store))
     report = json.loads((artifacts / "tiny" / "parity.json").read_text())
     assert not report["passed"] and not report["formats"]["torchscript"]["passed"]
     assert report["formats"]["onnxruntime"]["passed"]
-    assert (store / "tiny-torchscript.mar").read_bytes() == good_archive
-    assert (store / "tiny.mar").stat().st_mtime_ns == stamp
+    assert (store / "tiny-torchscript.v1.mar").read_bytes() == good_archive
+    assert (store / "tiny.v1.mar").stat().st_mtime_ns == stamp
     assert not list((artifacts / "tiny").glob(".pending-*")) and not list(store.glob(".build-*"))
 
 

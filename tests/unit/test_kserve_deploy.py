@@ -112,7 +112,8 @@ def test_the_validation_finds_mistakes():
 
 
 def test_a_canary_rollout_is_a_valid_edit_of_either_manifest():
-    """docs/deploy.md: a new storageUri with canaryTrafficPercent, applied over the running service."""
+    """docs/deploy.md: a new storageUri with canaryTrafficPercent, applied over the running service, then
+    promoted (100) or rolled back (0) by kubectl patch."""
     custom = copy.deepcopy(manifest("kit-modelserver.yaml"))
     custom["spec"]["predictor"]["canaryTrafficPercent"] = 10
     custom["spec"]["predictor"]["containers"][0]["env"][0]["value"] = "s3://BUCKET/image-classifier/model-store-v2"
@@ -121,6 +122,9 @@ def test_a_canary_rollout_is_a_valid_edit_of_either_manifest():
     runtime["spec"]["predictor"]["model"]["storageUri"] = "s3://BUCKET/image-classifier/kserve-store-v2"
     for data in (custom, runtime):
         assert problems_in_a_fresh_process(data) == []
+    for percent in (100, 0):  # the promote and rollback patches of docs/deploy.md
+        custom["spec"]["predictor"] |= {"canaryTrafficPercent": percent}
+        assert problems_in_a_fresh_process(custom) == []
 
 
 def parsed_server_arguments(args: list[str]) -> argparse.Namespace:
@@ -161,22 +165,22 @@ def test_kserve_store_holds_config_and_archives(exported_tiny, tmp_path):
     result = run_cli("export.kserve_store", "--model-store", str(store), "--out", str(out))
     assert result.returncode == 0, result.stderr
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == [
-        "config", "config/config.properties", "model-store", "model-store/tiny-torchscript.mar"]
+        "config", "config/config.properties", "model-store", "model-store/tiny-torchscript.v1.mar"]
     config = dict(line.split("=", 1) for line in (out / "config" / "config.properties").read_text().splitlines()
                   if line and not line.startswith("#"))
     assert config["inference_address"] == "http://0.0.0.0:8085"  # where KServe's wrapper forwards
     assert config["model_store"] == "/mnt/models/model-store" and config["enable_envvars_config"] == "false"
     snapshot = json.loads(config["model_snapshot"])
-    with zipfile.ZipFile(store / "tiny-torchscript.mar") as mar:
+    with zipfile.ZipFile(store / "tiny-torchscript.v1.mar") as mar:
         settings = yaml.safe_load(mar.read("model-config.yaml"))
-    assert snapshot["models"] == {"tiny-torchscript": {"1.0": {
-        "defaultVersion": True, "marName": "tiny-torchscript.mar", "minWorkers": settings["minWorkers"],
+    assert snapshot["models"] == {"tiny-torchscript": {"1": {  # the archive's version
+        "defaultVersion": True, "marName": "tiny-torchscript.v1.mar", "minWorkers": settings["minWorkers"],
         "maxWorkers": settings["maxWorkers"], "batchSize": settings["batchSize"],
         "maxBatchDelay": settings["maxBatchDelay"], "responseTimeout": settings["responseTimeout"]}}}
     result = run_cli("export.kserve_store", "--model-store", str(store), "--out", str(out),
                      "--backends", "onnxruntime,torchscript")
     assert result.returncode == 0 and sorted(p.name for p in (out / "model-store").iterdir()) == [
-        "tiny-torchscript.mar", "tiny.mar"]
+        "tiny-torchscript.v1.mar", "tiny.v1.mar"]
     assert [p.name for p in tmp_path.iterdir()] == ["kserve-store"]  # no scratch folder left behind
 
 

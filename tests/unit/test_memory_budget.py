@@ -23,7 +23,7 @@ def store(exported_tiny, tmp_path):
 
 def test_the_need_follows_from_each_archives_workers_batch_size_pixel_limit_and_model(store):
     models, unreadable = budget.served_models(store)
-    assert unreadable == [] and {m.archive for m in models} >= {"tiny.mar", "tiny-torchscript.mar"}
+    assert unreadable == [] and {m.archive for m in models} >= {"tiny.v1.mar", "tiny-torchscript.v1.mar"}
     for model in models:
         assert model.workers == 2 and model.batch_size == 16 and model.max_pixels == 24_000_000
         assert 10_000 < model.model_bytes < 50_000_000

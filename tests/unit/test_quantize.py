@@ -53,14 +53,14 @@ def test_export_reports_the_int8_gate_and_archives_only_on_a_pass(exported_tiny)
     assert result["gate"]["accuracy_points"] == 0.5 and result["gate"]["min_speedup"] == 1.5
     assert result["batch_size"] == ServingConfig().batch_size
     assert result["passed"] == (result["accuracy_diff_points"] <= 0.5 and result["speedup"] >= 1.5)
-    assert (store / "tiny-int8.mar").is_file() == result["passed"] == (out_dir / "model.int8.onnx").is_file()
+    assert (store / "tiny-int8.v1.mar").is_file() == result["passed"] == (out_dir / "model.int8.onnx").is_file()
     assert bool(result["why_not"]) != result["passed"]
 
 
 def test_int8_archive_serves_the_quantized_model_within_the_gate(exported_copy, tmp_path, capsys):
     out_dir, store = exported_copy
     archive, result = run_int8(out_dir, store, **PASS)
-    assert result["passed"] and archive == store / "tiny-int8.mar"
+    assert result["passed"] and archive == store / "tiny-int8.v1.mar"
     assert "int8 gate" in capsys.readouterr().out
     model = onnx.load(out_dir / "model.int8.onnx")
     assert {"QuantizeLinear", "DequantizeLinear"} <= {node.op_type for node in model.graph.node}
@@ -88,14 +88,14 @@ def test_int8_archive_serves_the_quantized_model_within_the_gate(exported_copy, 
 def test_a_failed_gate_keeps_the_other_archives_and_removes_an_older_int8_one(exported_copy, capsys):
     out_dir, store = exported_copy
     run_int8(out_dir, store, **PASS)
-    assert (store / "tiny-int8.mar").is_file()
+    assert (store / "tiny-int8.v1.mar").is_file()
     fp32_archives = {path.name: path.read_bytes() for path in store.glob("*.mar") if "int8" not in path.name}
     capsys.readouterr()
     archive, result = run_int8(out_dir, store, accuracy_points=100, min_speedup=1000)
     assert archive is None and not result["passed"] and "at least 1000" in result["why_not"]
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("int8: no archive")]
     assert len(lines) == 1 and "removed the earlier one" in lines[0] and "1000" in lines[0]
-    assert not (store / "tiny-int8.mar").exists() and not (out_dir / "model.int8.onnx").exists()
+    assert not (store / "tiny-int8.v1.mar").exists() and not (out_dir / "model.int8.onnx").exists()
     assert {path.name: path.read_bytes() for path in store.glob("*.mar")} == fp32_archives
     assert not list(out_dir.glob(".pending-*")) and not list(out_dir.glob(".quantize-*"))
 
@@ -111,7 +111,7 @@ def test_a_model_the_quantizer_cannot_take_still_exports(exported_copy, monkeypa
     assert archive is None and result["why_not"] == "quantization failed (NotImplementedError: operator Foo is " \
                                                     "not supported"
     assert "int8: no archive: quantization failed" in capsys.readouterr().out
-    assert {path.name for path in store.glob("*.mar")} == {"tiny.mar", "tiny-torchscript.mar"}
+    assert {path.name for path in store.glob("*.mar")} == {"tiny.v1.mar", "tiny-torchscript.v1.mar"}
 
 
 def test_calibration_uses_training_images_never_test_images(tiny_run):

@@ -106,7 +106,7 @@ def test_report_after_export_shows_parity_and_archives(exported_tiny):
     assert {(a["model"], a["backend"]) for a in archives} == {("tiny", "onnxruntime"),
                                                                ("tiny-torchscript", "torchscript")}
     for archive in archives:
-        assert f"<code>{store / (archive['model'] + '.mar')}</code>" in html
+        assert f"<code>{store / (archive['model'] + '.v1.mar')}</code>" in html
         assert f"/predictions/{archive['model']}" in html
 
 

@@ -61,12 +61,13 @@ def test_not_json_and_missing_files_are_one_line_too(tmp_path):
 
 def test_the_archive_reader_gives_manifest_settings_and_spec(exported_tiny):
     out_dir, store = exported_tiny
-    archive = read_archive(store / "tiny.mar")
-    assert (archive.name, archive.version, archive.settings.backend) == ("tiny", "1.0", "onnxruntime")
-    assert archive.spec == Spec.read(out_dir / "spec.json")
+    archive = read_archive(store / "tiny.v1.mar")
+    assert (archive.name, archive.version, archive.settings.backend) == ("tiny", "1", "onnxruntime")
+    assert archive.spec == Spec.read(out_dir / "spec.json").with_version(1)  # the archive's version in its spec
+    assert archive.release["version"] == 1 and archive.release["gates_passed"]
     assert archive.model_bytes == (out_dir / "model.onnx").stat().st_size
     assert archive.workers == archive.model_config["minWorkers"]
-    assert read_archive(store / "tiny-torchscript.mar").settings.model_file == "model.torchscript.pt"
+    assert read_archive(store / "tiny-torchscript.v1.mar").settings.model_file == "model.torchscript.pt"
 
 
 @pytest.mark.parametrize("breakage", ["not a zip", "no spec", "no manifest", "bad config"])
@@ -77,7 +78,7 @@ def test_a_broken_archive_is_one_message(exported_tiny, tmp_path, breakage):
         broken.write_bytes(b"PK-not-really")
     else:
         skip = {"no spec": "spec.json", "no manifest": "MAR-INF/MANIFEST.json"}.get(breakage)
-        with zipfile.ZipFile(store / "tiny.mar") as good, zipfile.ZipFile(broken, "w") as bad:
+        with zipfile.ZipFile(store / "tiny.v1.mar") as good, zipfile.ZipFile(broken, "w") as bad:
             for item in good.infolist():
                 if item.filename != skip:
                     data = good.read(item)
@@ -93,7 +94,7 @@ def test_an_archive_holds_every_handler_module_its_handler_imports(exported_tiny
     """What goes into a .mar follows the handler's imports: importing the handler from the unpacked archive
     alone (no project folder on the path) works, as it must inside a TorchServe worker."""
     _, store = exported_tiny
-    with zipfile.ZipFile(store / "tiny.mar") as mar:
+    with zipfile.ZipFile(store / "tiny.v1.mar") as mar:
         packed = {name.removeprefix("handlers/") for name in mar.namelist() if name.startswith("handlers/")}
         mar.extractall(tmp_path)
     assert packed == set(handler_modules()) and "kserve_model.py" not in packed

@@ -102,7 +102,7 @@ def test_a_model_from_the_users_file_trains_exports_and_serves_after_the_file_is
     export(ExportConfig("tiny", artifacts, store))
     images = load_run_data(out_dir)[0].test.images[:8]
     expected = eager_probabilities(out_dir, images)
-    for archive in (store / "tiny.mar", store / "tiny-torchscript.mar"):
+    for archive in (store / "tiny.v1.mar", store / "tiny-torchscript.v1.mar"):
         classifier, names = serve_in_process(archive, tmp_path)
         assert not any("custom_net" in n or "model_source" in n for n in names)  # serving needs no user code
         answers = predictions_json([{"body": png(image[0].numpy())} for image in images], classifier)
@@ -251,7 +251,7 @@ def test_a_model_whose_exports_would_diverge_fails_export_and_leaves_archives_un
     artifacts, store = tmp_path / "artifacts", tmp_path / "model_store"
     train(tiny_config(artifacts, model=f"{source}:Sneaky"))
     store.mkdir()
-    earlier = {"tiny.mar": b"an archive that serves today", "tiny-torchscript.mar": b"and its TorchScript twin"}
+    earlier = {"tiny.v1.mar": b"an archive that serves today", "tiny-torchscript.v1.mar": b"and its TorchScript twin"}
     for name, content in earlier.items():
         (store / name).write_bytes(content)
     with pytest.raises(UserError, match=re.escape(message)) as failure:
