@@ -54,6 +54,7 @@ from handlers.pipeline import (  # noqa: E402
     threads_per_worker,
 )
 from handlers.spec import Spec  # noqa: E402
+from handlers.store import served as live_archives  # noqa: E402
 from training.loop import normalize, per_channel  # noqa: E402
 
 NAME = "photo-resnet18"
@@ -79,7 +80,7 @@ def prepare(work: Path, per_class: int, train_args: list[str]) -> None:
              "--image-size", "224", "--resize", "crop", "--augment", "crop+flip", "--epochs", "1",
              "--test-fraction", "0.25",  # at least 64 test photos: the parity gate's minimum
              "--batch-size", "32", "--lr", "0.02", "--artifacts-dir", str(artifacts), *train_args])
-    if not (store / f"{NAME}.mar").is_file():
+    if NAME not in live_archives(store):
         run([python, "-m", "export", "--name", NAME, "--artifacts-dir", str(artifacts), "--model-store", str(store)])
 
 
@@ -131,7 +132,8 @@ def main() -> int:
 def measure(work: Path, args, scratch: Path) -> None:
     out_dir, store = work / "artifacts" / NAME, work / "store"
     spec = Spec.read(out_dir / "spec.json")
-    served_config = read_archive(store / f"{NAME}.mar").model_config
+    archive = live_archives(store)[NAME]
+    served_config = read_archive(archive).model_config
     test = load_run_data(out_dir).data.test  # the run's own test split, decoded as training evaluated it
     photo, body = test.files[0], test.files[0].read_bytes()
     evaluated = normalize(test.images[:1], per_channel(spec.mean), per_channel(spec.std))[0].numpy()
@@ -142,7 +144,7 @@ def measure(work: Path, args, scratch: Path) -> None:
 
     serving = scratch / "serving"
     (serving / "store").mkdir(parents=True, exist_ok=True)
-    shutil.copy(store / f"{NAME}.mar", serving / "store")
+    shutil.copy(archive, serving / "store")
     script = serving / "post.lua"
     script.write_text(serve_load.LUA)
     (serving / "photo.jpg").write_bytes(body)

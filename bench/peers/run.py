@@ -55,6 +55,7 @@ from export.data import load_run_data  # noqa: E402
 from handlers.archive import read_archive  # noqa: E402
 from handlers.contract import predictions_json  # noqa: E402
 from handlers.pipeline import load_classifier  # noqa: E402
+from handlers.store import served  # noqa: E402
 from training.samples import save_png  # noqa: E402
 
 PEERS_PYTHON = ROOT / ".venv-peers" / "bin" / "python"
@@ -429,8 +430,9 @@ def main() -> int:
         raise SystemExit("error: wrk is not installed: apt-get install wrk (make bench-peers does this)")
     if not PEERS_PYTHON.is_file():
         raise SystemExit("error: no .venv-peers: make bench-peers builds it")
-    out_dir, archive = ROOT / "artifacts" / args.name, ROOT / "model_store" / f"{args.name}.mar"
-    if not archive.is_file() or not (out_dir / "spec.json").is_file():
+    out_dir = ROOT / "artifacts" / args.name
+    archive = served(ROOT / "model_store").get(args.name)  # the live version, as make serve serves it
+    if archive is None or not archive.is_file() or not (out_dir / "spec.json").is_file():
         raise SystemExit(f"error: run `make train export NAME={args.name}` first")
     config = read_archive(archive).model_config
     versions = peers_versions()

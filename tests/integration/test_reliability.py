@@ -210,7 +210,7 @@ def test_20000_oip_requests_at_32_clients_a_tenth_hostile_lose_nothing_on_the_ba
     _, model_store = exported
     store = tmp_path / "store"
     store.mkdir()
-    shutil.copy(model_store / f"{MODEL}.mar", store)
+    shutil.copy(model_store / f"{MODEL}.v1.mar", store)
     server = harness.start_kserve(store, tmp_path / "kserve", [MODEL], extra_args=("--workers", "2"))
     try:
         pngs, probabilities, class_names = served_images
