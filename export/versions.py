@@ -18,8 +18,7 @@ from PIL import Image
 
 from export.archive import ServingConfig
 from handlers.archive import BrokenArchive, HandlerSettings, read_archive
-from handlers.contract import probabilities_of_encoded_images
-from handlers.pipeline import load_classifier
+from handlers.pipeline import image_pixels, load_classifier, probabilities_of_pixels
 from handlers.spec import Spec
 from handlers.store import versions
 
@@ -60,7 +59,8 @@ def release_record(model_dir: Path, model_file: str, backend: str, pngs: list[by
     record = {"gates_passed": bool(gates_passed), "test_accuracy": float(test_accuracy), "samples": []}
     if pngs:
         classifier = load_classifier(model_dir, HandlerSettings(backend, model_file), 1, None)
-        probabilities = probabilities_of_encoded_images(pngs, classifier)
+        # what /predictions answers for each (handlers/contract.py predictions_json)
+        probabilities = probabilities_of_pixels([image_pixels(png, classifier) for png in pngs], classifier)
         record["samples"] = [{"png": base64.b64encode(png).decode(), "probabilities": row}
                              for png, row in zip(pngs, probabilities.tolist())]
     return record
