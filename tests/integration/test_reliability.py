@@ -100,6 +100,22 @@ def hostile_inputs(huge_jpeg: bytes) -> list[tuple[str, bytes, str]]:
     return cases
 
 
+def mixed_jobs(hostile: list, good, images: int, count: int = 20_000) -> tuple[list, list]:
+    """`count` requests, a tenth of them drawn from `hostile`, the others good(test image index, rng):
+    (the jobs, per job the index of the test image it should be answered as, or None). Seeded."""
+    rng = np.random.default_rng(0)
+    jobs, expected = [], []
+    for _ in range(count):
+        if rng.random() < 0.1:
+            jobs.append(hostile[rng.integers(len(hostile))])
+            expected.append(None)
+        else:
+            image = int(rng.integers(images))
+            jobs.append(good(image, rng))
+            expected.append(image)
+    return jobs, expected
+
+
 def run_load(server, jobs: list, clients: int, deadline_s: float, on_progress=None,
              path: str = f"/predictions/{MODEL}", url: str | None = None) -> list:
     """Sends every job (name, body, content type[, headers]) from `clients` threads to `path`; returns
@@ -136,19 +152,13 @@ def run_load(server, jobs: list, clients: int, deadline_s: float, on_progress=No
 
 def test_20000_requests_at_32_clients_a_tenth_hostile_lose_nothing(lone_server, served_images, huge_jpeg):
     pngs, probabilities, class_names = served_images
-    hostile = hostile_inputs(huge_jpeg)
-    rng = np.random.default_rng(0)
-    jobs, expected = [], []
-    for _ in range(20_000):
-        if rng.random() < 0.1:
-            jobs.append(hostile[rng.integers(len(hostile))])
-            expected.append(None)
-        else:
-            image = int(rng.integers(len(pngs)))
-            # one good request in ten as `curl --data-binary` without -H sends it (frontend-patch/)
-            content_type = "application/x-www-form-urlencoded" if rng.random() < 0.1 else "image/png"
-            jobs.append((f"test image {image}", pngs[image], content_type))
-            expected.append(image)
+
+    def good(image: int, rng) -> tuple:
+        # one good request in ten as `curl --data-binary` without -H sends it (frontend-patch/)
+        content_type = "application/x-www-form-urlencoded" if rng.random() < 0.1 else "image/png"
+        return f"test image {image}", pngs[image], content_type
+
+    jobs, expected = mixed_jobs(hostile_inputs(huge_jpeg), good, len(pngs))
     pids = worker_pids(lone_server)
     memory = {}
 
@@ -218,16 +228,7 @@ def test_20000_oip_requests_at_32_clients_a_tenth_hostile_lose_nothing_on_the_ba
         hostile += [("not JSON", b"{not json", "application/json"),
                     ("no inputs", b'{"inputs": []}', "application/json"),
                     truncated_oip_job()]
-        rng = np.random.default_rng(0)
-        jobs, expected = [], []
-        for _ in range(20_000):
-            if rng.random() < 0.1:
-                jobs.append(hostile[rng.integers(len(hostile))])
-                expected.append(None)
-            else:
-                image = int(rng.integers(len(pngs)))
-                jobs.append(oip_job(f"test image {image}", pngs[image]))
-                expected.append(image)
+        jobs, expected = mixed_jobs(hostile, lambda image, _: oip_job(f"test image {image}", pngs[image]), len(pngs))
         pids = sorted(harness.descendants(server.process.pid) | {server.process.pid})
         memory = {}
 
