@@ -9,6 +9,7 @@ Servers (each with 2 workers, 1 ONNX Runtime thread per worker, on 127.0.0.1):
   asgi       a plain ASGI app (Starlette + uvicorn), no batching: the floor of a Python HTTP path
   torchserve the kit on TorchServe, POST /predictions (tests/harness.py)
   kserve     the kit on KServe's ModelServer, the Open Inference Protocol with binary tensors
+  kserve-unbatched  the same with --batch_images 1: each request its own forward pass (the batcher off)
 The frameworks run in their own virtual environment (.venv-peers, bench/peers/requirements.txt) and
 answer through the kit's own functions (bench/peers/classifier.py); the frameworks' batch limits are
 the archive's batchSize and maxBatchDelay (what TorchServe uses).
@@ -288,13 +289,15 @@ def servers(name: str, archive: Path, image: bytes, scratch: Path, versions: dic
         server = harness.start(folder / "store", folder / "ts", [name])
         return Running(f"{server.inference}/predictions/{name}", server.stop)
 
-    def start_kserve() -> Running:
-        folder = Path(tempfile.mkdtemp(prefix="kserve-", dir=scratch))
-        (folder / "store").mkdir()
-        shutil.copy(archive, folder / "store")
-        server = harness.start_kserve(folder / "store", folder, [name],
-                                      extra_args=("--workers", str(WORKERS), "--threads", str(THREADS)))
-        return Running(f"{server.http}/v2/models/{name}/infer", server.stop)
+    def kserve_starter(*extra: str):
+        def start_kserve() -> Running:
+            folder = Path(tempfile.mkdtemp(prefix="kserve-", dir=scratch))
+            (folder / "store").mkdir()
+            shutil.copy(archive, folder / "store")
+            server = harness.start_kserve(folder / "store", folder, [name],
+                                          extra_args=("--workers", str(WORKERS), "--threads", str(THREADS), *extra))
+            return Running(f"{server.http}/v2/models/{name}/infer", server.stop)
+        return start_kserve
 
     return [
         Server("litserve", f"LitServe {versions['litserve']}", versions["litserve"],
@@ -320,7 +323,10 @@ def servers(name: str, archive: Path, image: bytes, scratch: Path, versions: dic
                f"TorchServe batchSize={batch}, maxBatchDelay={delay:g} ms", raw, parse_json, start_torchserve),
         Server("kserve", "the kit, KServe ModelServer, OIP binary", kit_versions()["kserve"],
                f"the kit's, from the archive's model-config (batchSize={batch}, maxBatchDelay={delay:g} ms)",
-               kserve, parse_kserve, start_kserve),
+               kserve, parse_kserve, kserve_starter()),
+        Server("kserve-unbatched", "the kit, KServe ModelServer, OIP binary, unbatched", kit_versions()["kserve"],
+               "none (--batch_images 1: each request its own forward pass)", kserve, parse_kserve,
+               kserve_starter("--batch_images", "1")),
     ]
 
 
@@ -423,7 +429,7 @@ def main() -> int:
     p.add_argument("--seconds", type=int, default=10, help="duration of each wrk run, whole seconds (%(default)s)")
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds; figures are medians (%(default)s)")
     p.add_argument("--servers", default="all", help="comma-separated subset of litserve,bentoml,ray,pytriton,"
-                                                    "asgi,torchserve,kserve (%(default)s)")
+                                                    "asgi,torchserve,kserve,kserve-unbatched (%(default)s)")
     p.add_argument("--out", type=Path, help="the results' JSON file (artifacts/NAME/bench-peers.json)")
     args = p.parse_args()
     if shutil.which("wrk") is None:
