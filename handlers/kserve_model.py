@@ -22,7 +22,7 @@ import zipfile
 from pathlib import Path
 
 from handlers import contract, oip
-from handlers.archive import read_archive
+from handlers.archive import BrokenArchive, read_archive
 from handlers.batching import AdaptiveBatcher
 from handlers.errors import ClientError, UserError
 from handlers.pipeline import Classifier, load_classifier
@@ -128,8 +128,7 @@ def load_archive(path: Path, workers: int = 1, threads: int = 0, batch_images: i
         with tempfile.TemporaryDirectory(prefix="kit-kserve-") as scratch:  # the model is in memory after
             classifier = load_classifier(archive.unpack(Path(scratch)), settings, workers=workers, gpu_id=0)
     except (OSError, KeyError, ValueError, zipfile.BadZipFile) as error:
-        raise UserError(f"{path}: not an archive of the kit ({type(error).__name__}: {error}): "
-                        "make export writes them") from None
+        raise BrokenArchive(path, f"{type(error).__name__}: {error}") from None
     log.info("loaded %s (%s, %s) from %s", archive.name, settings.backend, classifier.device, path)
     batch_images = batch_images or int(archive.model_config.get("batchSize", 1))
     return ArchivedClassifier(archive.name, archive.version, path.resolve(), workers, threads, batch_images,

@@ -128,7 +128,6 @@ def prepare_model(config: TrainConfig, data: datasets.Data) -> PreparedModel:
     if origin.local_imports:
         print(f"note: {origin.reference} imports {', '.join(origin.local_imports)} from {origin.directory}: only the "
               "model's own file travels with the checkpoint; keep those importable for export")
-    channels, height, width = data.shape
     arch_args = arguments(origin, data.shape, len(data.class_names), given)
     model = construct(origin, arch_args)
     example, _ = next(batches(data.train, 2, torch.device("cpu"), None, data.shape, 0))
