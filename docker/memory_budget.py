@@ -7,14 +7,15 @@ limit (cgroup v2 or v1), and refuses to start with one line that says what to ch
 models cannot fit. The formula, with figures measured on the kit's machines (docs/reliability.md,
 "Memory the deployment needs"):
 
-  need = FRONTEND + SHARED + sum over models of workers x (WORKER + 3 x model file
-         + 4.2 bytes x max_pixels + 12 MB + batchSize x max_request_size)
+  need = FRONTEND + SHARED + sum over models of model(m) + max over models of model(m)
+  model(m) = workers x (WORKER + 3 x model file + 4.2 bytes x max_pixels + 12 MB + batchSize x max_request_size)
 
 FRONTEND: TorchServe's JVM (-Xmx512m plus what it holds outside the heap); SHARED: the libraries
 every worker maps (torch, ONNX Runtime), counted once; WORKER: a worker's private memory at rest
 (TorchServe's worker imports torch whatever the model); the decode term: the most one request's
 image decoding takes (handlers/image.py: JPEG decodes at reduced scale, other formats at most
-about 4 bytes per allowed pixel); the last term: the request bodies of one batch.
+about 4 bytes per allowed pixel); the last term: the request bodies of one batch. The largest model
+counts twice: during a rollout (docs/versions.md) its new version's workers run beside the old ones.
 
 Run: python3 memory_budget.py [--model-store DIR] [--config config.properties] [-- command ...]
      exit 0 and then exec `command` when the models fit, 3 and one line on stderr when not.
@@ -95,8 +96,14 @@ def memory_limit_mb(files: tuple[Path, ...] = CGROUP_FILES) -> float | None:
     return None
 
 
+def rollout_mb(models: list[ServedModel], request_size: int) -> float:
+    """Room for a rollout: a second version of the largest model, loaded before the first is unregistered."""
+    return max((model.need_mb(request_size) for model in models), default=0.0)
+
+
 def need_mb(models: list[ServedModel], request_size: int) -> float:
-    return FRONTEND_MB + SHARED_MB + sum(model.need_mb(request_size) for model in models)
+    return (FRONTEND_MB + SHARED_MB + sum(model.need_mb(request_size) for model in models)
+            + rollout_mb(models, request_size))
 
 
 def verdict(model_store: Path, config_file: Path, limit_mb: float | None) -> tuple[bool, str]:
@@ -107,7 +114,8 @@ def verdict(model_store: Path, config_file: Path, limit_mb: float | None) -> tup
     summary = (f"{len(models)} model(s), {workers} worker(s) in {model_store} need about {need:,.0f} MB "
                f"({FRONTEND_MB} frontend + {SHARED_MB} shared libraries + per model: workers x ({WORKER_MB} + 3 x "
                f"model file + {DECODE_BYTES_PER_PIXEL} B x max_pixels + {DECODE_OVERHEAD_MB} + batchSize x "
-               f"{request_size / MB:.1f} MB request))")
+               f"{request_size / MB:.1f} MB request), and {rollout_mb(models, request_size):,.0f} MB for a "
+               "rollout: the largest model's workers once more)")
     if limit_mb is None:
         return True, f"memory: {summary}; no container limit is set"
     if need <= limit_mb:

@@ -4,11 +4,13 @@
   python -m handlers.kserve_model --model_store model_store --http_port 8085 --grpc_port 8086
       [--workers N] [--host 0.0.0.0] [--log_requests true]     (and every option of KServe's: --help)
 
-Every archive (.mar) of the model store is served under its own name, read exactly as TorchServe
-reads it (handlers/archive.py) and answered by the same contract (handlers/contract.py) as
-TorchServe's handler: `ArchivedClassifier` is the counterpart of torchserve_handler.py, and only
-translates KServe's InferRequest into the contract's tensors and its outputs into an InferResponse.
-The server around it (KServe's ModelServer with the kit's changes, the command line that
+Every archive (.mar) of the model store is served: the live version of each name at
+/v2/models/<name>/..., every version at /v2/models/<name>/versions/<version>/... (the store's
+layout and what is live: handlers/store.py). Each is read exactly as TorchServe reads it
+(handlers/archive.py) and answered by the same contract (handlers/contract.py) as TorchServe's
+handler: `ArchivedClassifier` is the counterpart of torchserve_handler.py, and only translates
+KServe's InferRequest into the contract's tensors and its outputs into an InferResponse. The server
+around it (KServe's ModelServer with the kit's changes, the command line that
 `python -m handlers.kserve_model` runs) is handlers/kserve_server.py.
 """
 
@@ -26,7 +28,7 @@ from handlers.archive import BrokenArchive, read_archive
 from handlers.batching import AdaptiveBatcher
 from handlers.errors import ClientError, UserError
 from handlers.pipeline import Classifier, load_classifier
-from handlers.store import served
+from handlers.store import served, versions
 
 # `import kserve` parses sys.argv with the ModelServer's own parser (kserve/model_server.py builds it at
 # import time): hide this process's arguments from it, so importing this module never depends on them.
@@ -136,15 +138,20 @@ def load_archive(path: Path, workers: int = 1, threads: int = 0, batch_images: i
 
 
 def load_store(model_store: Path, workers: int = 1, threads: int = 0,
-               batch_images: int = 0) -> list[ArchivedClassifier]:
-    archives = list(served(model_store).values())  # the live version of each name (handlers/store.py)
-    if not archives:
+               batch_images: int = 0) -> tuple[list[ArchivedClassifier], list[ArchivedClassifier]]:
+    """(the live version of each name, every version of each name): what /v2/models/<name>/... and
+    /v2/models/<name>/versions/<version>/... answer. Each archive is loaded once: a live version is
+    the same model in both lists."""
+    chosen = served(model_store)  # the live version of each name (handlers/store.py)
+    if not chosen:
         raise UserError(f"no archives in {model_store}/: run make train export first")
-    models = [load_archive(path, workers, threads, batch_images) for path in archives]
-    names = [model.name for model in models]
+    paths = {path for by_version in versions(model_store).values() for path in by_version.values()}
+    loaded = {path: load_archive(path, workers, threads, batch_images) for path in sorted(paths | set(chosen.values()))}
+    live = [loaded[path] for path in chosen.values()]
+    names = [model.name for model in live]
     if len(set(names)) != len(names):
         raise UserError(f"two archives in {model_store}/ name the same model: {sorted(names)}")
-    return models
+    return live, list(loaded.values())
 
 
 if __name__ == "__main__":  # the entry point of make serve-kserve and the serving image's serve-kserve

@@ -30,6 +30,7 @@ import sys
 from concurrent import futures
 from pathlib import Path
 
+from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from grpc import aio
@@ -42,8 +43,9 @@ from handlers.kserve_model import ArchivedClassifier, load_store
 # After handlers.kserve_model, which imports kserve with this process's arguments hidden from KServe's parser.
 import kserve
 from kserve import model_server
-from kserve.errors import InvalidInput
+from kserve.errors import InvalidInput, ModelNotFound
 from kserve.logging import logger as log
+from kserve.model_repository import ModelRepository
 from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
 from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor, LoggingInterceptor
@@ -52,6 +54,8 @@ from kserve.protocol.grpc.servicer import InferenceServicer
 from kserve.protocol.infer_type import InferInput, InferRequest, RequestedOutput
 from kserve.protocol.rest.multiprocess.server import RESTServerMultiProcess
 from kserve.protocol.rest.server import RESTServer
+from kserve.protocol.rest.v2_datamodels import InferenceRequest, ModelMetadataResponse, ModelReadyResponse
+from kserve.protocol.rest.v2_endpoints import V2Endpoints
 
 KSERVE_VERSION = "0.21.0"  # the release whose private API this module uses
 
@@ -108,6 +112,97 @@ class KitDataPlane(DataPlane):
             [RequestedOutput(name, {"binary_data": binary}) for name, binary in request.outputs])
 
 
+# ---------------------------------------------------------------------------- versions
+
+class VersionNotFound(ModelNotFound):
+    """A 404 (gRPC NOT_FOUND) naming the versions there are."""
+
+    def __init__(self, name: str, version: str, served: list[str]):
+        super().__init__(name)
+        if served:
+            self.reason = f"model {name} has no version {version} here (its versions: {', '.join(served)})"
+
+
+class VersionedRepository(ModelRepository):
+    """KServe's registry of the live model of each name, which /v2/models/<name>/... answers, and of every
+    version of each name, which /v2/models/<name>/versions/<version>/... answers. KServe's data plane finds
+    a model by one name: version V of M goes by the name "M/versions/V", which no name in a URL can be."""
+
+    def __init__(self):
+        super().__init__()
+        self.versions: dict[str, dict[str, kserve.Model]] = {}
+
+    def add_version(self, model: ArchivedClassifier) -> None:
+        self.versions.setdefault(model.name, {})[model.version] = model
+
+    def version_name(self, name: str, version: str) -> str:
+        """The registry's name of a version of `name`; VersionNotFound where it is not served."""
+        if version not in self.versions.get(name, {}):
+            raise VersionNotFound(name, version, list(self.versions.get(name, {})))
+        return f"{name}/versions/{version}"
+
+    def get_model(self, name: str):
+        model = super().get_model(name)
+        if model is None and "/versions/" in name:
+            base, _, version = name.partition("/versions/")
+            model = self.versions.get(base, {}).get(version)
+        return model
+
+    def every_model(self) -> list[kserve.Model]:
+        """The live models and every version, each once."""
+        unique = {id(model): model for model in self.get_models().values()}
+        unique.update((id(model), model) for by_version in self.versions.values() for model in by_version.values())
+        return list(unique.values())
+
+
+def register_version_endpoints(app: FastAPI, dataplane: DataPlane) -> None:
+    """/v2/models/<name>/versions/<version>[/ready|/infer], ahead of KServe's own routes for these paths
+    (which answer "Model versioning not supported yet"): KServe's endpoints, given the version's name."""
+    registry: VersionedRepository = dataplane.model_registry
+    endpoints = V2Endpoints(dataplane)
+    router = APIRouter(prefix="/v2/models/{model_name}/versions/{model_version}", tags=["V2"])
+
+    async def metadata(model_name: str, model_version: str) -> ModelMetadataResponse:
+        return await endpoints.model_metadata(registry.version_name(model_name, model_version))
+
+    async def ready(model_name: str, model_version: str) -> ModelReadyResponse:
+        await endpoints.model_ready(registry.version_name(model_name, model_version))  # else ModelNotReady
+        return ModelReadyResponse(name=model_name, ready=True)
+
+    async def infer(raw_request: Request, raw_response: Response, model_name: str, model_version: str,
+                    request_body: InferenceRequest | bytes):
+        return await endpoints.infer(raw_request, raw_response, registry.version_name(model_name, model_version),
+                                     request_body)
+
+    router.add_api_route("", metadata, response_model=ModelMetadataResponse, methods=["GET"])
+    router.add_api_route("/ready", ready, response_model=ModelReadyResponse, methods=["GET"])
+    router.add_api_route("/infer", infer, response_model=None, methods=["POST"])
+    app.router.routes[:0] = router.routes  # the first route that matches a path answers it
+
+
+class VersionedServicer(InferenceServicer):
+    """KServe's gRPC service with the requests' model_version honoured (KServe's own ignores it)."""
+
+    def __init__(self, data_plane: DataPlane, model_repository_extension):
+        super().__init__(data_plane, model_repository_extension)
+        self.registry: VersionedRepository = data_plane.model_registry
+
+    async def ModelInfer(self, request, context):
+        if request.model_version:
+            request.model_name = self.registry.version_name(request.model_name, request.model_version)
+        return await super().ModelInfer(request, context)
+
+    async def ModelReady(self, request, context):
+        if request.version:
+            request.name = self.registry.version_name(request.name, request.version)
+        return await super().ModelReady(request, context)
+
+    async def ModelMetadata(self, request, context):
+        if request.version:
+            request.name = self.registry.version_name(request.name, request.version)
+        return await super().ModelMetadata(request, context)
+
+
 class LoopbackGRPCServer(GRPCServer):
     """KServe's gRPC server on one address (its own listens on [::])."""
 
@@ -125,7 +220,7 @@ class LoopbackGRPCServer(GRPCServer):
                      ("grpc.max_receive_message_length", self._kwargs.get("grpc_max_receive_message_length")),
                      ("grpc.so_reuseport", 0)])  # else a second server on the same port shares its traffic
         grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(self._data_plane, self._model_repository_extension), self._server)
+            VersionedServicer(self._data_plane, self._model_repository_extension), self._server)
         address = f"[{self.host}]:{self._port}" if ":" in self.host else f"{self.host}:{self._port}"
         if self._server.add_insecure_port(address) == 0:
             raise OSError(f"gRPC cannot listen on {address}")
@@ -142,10 +237,15 @@ class KitRESTServer(RESTServer):
         self.log_requests = log_requests
 
     def run(self, sockets=None):  # the entry point of each --workers process
-        for model in self.dataplane.model_registry.get_models().values():
+        for model in self.dataplane.model_registry.every_model():
             if not model.ready:
                 model.load()
         super().run(sockets)
+
+    @kserve_private_api  # a private hook of RESTServer
+    def _register_endpoints(self, app):
+        super()._register_endpoints(app)
+        register_version_endpoints(app, self.dataplane)
 
     @kserve_private_api  # a private hook of RESTServer
     def _add_middlewares(self, app):
@@ -170,13 +270,15 @@ class KitModelServer(model_server.ModelServer):
     """KServe's ModelServer listening on `host` only, with the kit's data plane and REST server."""
 
     def __init__(self, host: str, log_requests: bool = False, **kwargs):
-        super().__init__(**kwargs)
+        super().__init__(registered_models=VersionedRepository(), **kwargs)
         self.host, self.log_requests = host, log_requests
         self.dataplane = KitDataPlane(model_registry=self.registered_models)
 
     @kserve_private_api  # ModelServer.start re-implemented, with its private members and methods
-    def start(self, models: list[kserve.Model]) -> None:
+    def start(self, models: list[kserve.Model], versions: list[ArchivedClassifier] = ()) -> None:
         # KServe's start() with the address set: its RESTServer hard-codes host 0.0.0.0 in uvicorn's config.
+        for model in versions:
+            self.registered_models.add_version(model)
         self._register_and_check_atleast_one_model_is_ready(models)
         rest = KitRESTServer(
             model_server.FASTAPI_APP_IMPORT_STRING, self.dataplane, self.model_repository_extension,
@@ -263,10 +365,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for port in (args.http_port, args.grpc_port) if args.enable_grpc else (args.http_port,):
             check_free(args.host, port)
-        models = load_store(args.model_store, args.workers, args.threads, args.batch_images)
+        live, versions = load_store(args.model_store, args.workers, args.threads, args.batch_images)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    server.start(models)
+    server.start(live, versions)
     return 0
 

@@ -20,7 +20,8 @@ from pathlib import Path
 import harness
 import numpy as np
 import pytest
-from helpers import ROOT, minor_versions_behind
+from helpers import ROOT, minor_versions_behind, tiny_config
+from rollout_load import CLIENTS, Load, recorded_samples
 from served import BAD_INPUTS, assert_matches_eager, holds_an_invalid_escape
 from tritonclient.utils import InferenceServerException
 
@@ -216,6 +217,42 @@ def test_rollout_runs_inside_the_container_against_the_read_only_store(stack):
     assert "version 1 of fmnist is already live" in same.stdout
     live = compose("exec", "-T", "torchserve", "cat", "/home/serve/state/live.json", env=env)
     assert json.loads(live.stdout)["fmnist"]["live"] == 1
+
+
+def test_rollout_and_rollback_in_the_container_answer_every_request_under_load(stack, exported, tmp_path):
+    """docs/versions.md in the container: a second version of fmnist put into the mounted store, rolled out and
+    back with `docker compose exec torchserve rollout` while 32 clients send test images to the published port."""
+    from export.run import ExportConfig, export
+    from training.run import train
+
+    env, store = stack["env"], Path(stack["env"]["MODEL_STORE"])
+    scratch = tmp_path / "store"
+    scratch.mkdir()
+    shutil.copy(store / "fmnist.v1.mar", scratch)
+    train(tiny_config(tmp_path / "artifacts", name="fmnist", dataset="fashion-mnist", model="fast-cnn",
+                      train_limit=4000, batch_size=64, epochs=1))  # another model than version 1's
+    export(ExportConfig("fmnist", tmp_path / "artifacts", scratch))
+    shutil.copy(scratch / "fmnist.v2.mar", store)
+    (store / "fmnist.v2.mar").chmod(0o644)
+    expected = {str(v): [p for _, p in recorded_samples(store / f"fmnist.v{v}.mar")] for v in (1, 2)}
+    images = [png for png, _ in recorded_samples(store / "fmnist.v1.mar")]
+    try:
+        with Load(stack["url"], "fmnist", images) as load:
+            time.sleep(1)
+            forward = compose("exec", "-T", "torchserve", "rollout", "--name", "fmnist", "--version", "2", env=env)
+            time.sleep(1)
+            backward = compose("exec", "-T", "torchserve", "rollout", "--name", "fmnist", "--rollback", env=env)
+            time.sleep(1)
+        print(forward.stdout, backward.stdout, sep="\n")
+        total = load.check(expected, "1", "2")
+        print(f"{total} requests from {CLIENTS} clients to the container during rollout and rollback, 0 failed")
+        listed = compose("exec", "-T", "torchserve", "python3", "-c", "import urllib.request as u; "
+                         "print(u.urlopen('http://127.0.0.1:8081/models/fmnist/all').read().decode())", env=env)
+        assert [d["modelVersion"] for d in json.loads(listed.stdout)] == ["1"]  # version 2 is unregistered
+        live = compose("exec", "-T", "torchserve", "cat", "/home/serve/state/live.json", env=env)
+        assert json.loads(live.stdout)["fmnist"] == {"live": 1, "previous": 2}
+    finally:
+        (store / "fmnist.v2.mar").unlink(missing_ok=True)
 
 
 def test_metrics_port_is_published(stack, served_images):

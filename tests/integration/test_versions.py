@@ -4,24 +4,21 @@ gate, a broken archive, the versioned URL, and what is live after a restart (mak
 from __future__ import annotations
 
 import base64
-import http.client
 import json
 import os
 import subprocess
 import sys
-import threading
 import time
-import urllib.parse
 
 import harness
 import pytest
 from helpers import ROOT, tiny_config
+from rollout_load import CLIENTS, Load, recorded_samples
 
 from handlers.archive import read_archive
 from handlers.store import archive_path, read_live, served, write_live
 
 pytestmark = pytest.mark.integration
-CLIENTS = 32
 
 
 @pytest.fixture(scope="module")
@@ -48,47 +45,7 @@ def rollout(server, store, *args):
 
 
 def samples(store, version):
-    release = read_archive(archive_path(store, "tiny", version)).release
-    return [(base64.b64decode(s["png"]), s["probabilities"]) for s in release["samples"]]
-
-
-class Load:
-    """CLIENTS threads, each sending the recorded test images to /predictions/tiny over one connection until
-    stopped, recording (status, model_version, answer) in order."""
-
-    def __init__(self, inference: str, images: list[bytes]):
-        self.address = urllib.parse.urlsplit(inference)
-        self.images, self.stopped = images, threading.Event()
-        self.answers: list[list[tuple]] = [[] for _ in range(CLIENTS)]
-        self.threads = [threading.Thread(target=self.client, args=(i,)) for i in range(CLIENTS)]
-
-    def client(self, index: int) -> None:
-        connection = http.client.HTTPConnection(self.address.hostname, self.address.port, timeout=60)
-        sent = 0
-        while not self.stopped.is_set():
-            image = sent % len(self.images)
-            try:
-                connection.request("POST", "/predictions/tiny", self.images[image],
-                                   {"Content-Type": "application/octet-stream"})
-                response = connection.getresponse()
-                body = response.read()
-                answer = json.loads(body) if response.status == 200 else body
-                self.answers[index].append((response.status, image, answer))
-            except OSError as error:
-                self.answers[index].append((None, image, repr(error)))
-                connection.close()
-            sent += 1
-        connection.close()
-
-    def __enter__(self):
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stopped.set()
-        for thread in self.threads:
-            thread.join(timeout=120)
+    return recorded_samples(archive_path(store, "tiny", version))
 
 
 def test_rollout_and_rollback_under_load_answer_every_request(versioned, tmp_path):
@@ -98,7 +55,7 @@ def test_rollout_and_rollback_under_load_answer_every_request(versioned, tmp_pat
     assert images == [png for png, _ in samples(store, 2)]  # the same test images, recorded by both versions
     server = harness.start(store, tmp_path / "ts", ["tiny"], "load_models=tiny=tiny.v1.mar")
     try:
-        with Load(server.inference, images) as load:
+        with Load(server.inference, "tiny", images) as load:
             time.sleep(1)
             forward = rollout(server, store, "--version", "2")
             time.sleep(1)
@@ -109,21 +66,8 @@ def test_rollout_and_rollback_under_load_answer_every_request(versioned, tmp_pat
         steps = forward.stdout.splitlines()
         assert len(steps) == 8 and all(line.endswith("s)") for line in steps[:-1]), forward.stdout
         print(forward.stdout, backward.stdout, sep="\n")
-        total = sum(len(answers) for answers in load.answers)
-        failed = [a for answers in load.answers for a in answers if a[0] != 200]
-        assert total > CLIENTS * 10 and failed == [], failed[:5]
-        print(f"{total} requests from {CLIENTS} clients during rollout and rollback, {len(failed)} failed")
-        for answers in load.answers:
-            switches = [answers[0][2]["model_version"]]
-            for _, image, answer in answers:
-                version = answer["model_version"]
-                served_probabilities = list(answer["probabilities"].values())
-                assert max(abs(a - b) for a, b in zip(served_probabilities, expected[version][image])) <= 1e-5
-                if version != switches[-1]:
-                    switches.append(version)
-            assert switches in (["1", "2", "1"], ["1", "2"], ["2", "1"], ["1"]), switches
-        seen = [s for answers in load.answers for s in dict.fromkeys(a[2]["model_version"] for a in answers)]
-        assert "2" in seen and load.answers[0][-1][2]["model_version"] == "1"
+        total = load.check(expected, "1", "2")
+        print(f"{total} requests from {CLIENTS} clients during rollout and rollback, 0 failed")
         status, body, _ = harness.http("GET", f"{server.management}/models/tiny/all")
         assert status == 200 and [d["modelVersion"] for d in json.loads(body)] == ["1"]  # 2 is unregistered
         assert read_live(store)["tiny"] == {"live": 1, "previous": 2}
@@ -245,5 +189,61 @@ def test_the_management_socket_admits_the_kits_commands_only(versioned, tmp_path
             other = subprocess.run(["runuser", "-u", "nobody", "--", "/usr/bin/python3", "-c", check],
                                    capture_output=True, text=True, timeout=60)
             assert other.returncode != 0 and "PermissionError" in other.stderr, other.stderr
+    finally:
+        server.stop()
+
+
+def oip_infer(url: str, png: bytes) -> tuple[int, dict]:
+    body = json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                                   "data": [base64.b64encode(png).decode()]}]}).encode()
+    status, answer, _ = harness.http("POST", url, body, {"Content-Type": "application/json"})
+    return status, json.loads(answer)
+
+
+@pytest.mark.parametrize("workers", ("1", "2"))
+def test_kserve_serves_every_version_and_the_live_one(versioned, tmp_path, workers):
+    """make serve-kserve: /v2/models/tiny/... is the live version, /v2/models/tiny/versions/<v>/... each version
+    in the store (REST and gRPC), with the answers export recorded for that version."""
+    import numpy as np
+    import tritonclient.grpc as triton_grpc
+
+    store = tmp_path / "store"
+    store.mkdir()
+    for version in (1, 2, 3):
+        os.link(archive_path(versioned, "tiny", version), archive_path(store, "tiny", version))
+    write_live(store, "tiny", 1, 3)
+    server = harness.start_kserve(store, tmp_path / "kserve", ["tiny"], extra_args=("--workers", workers))
+    try:
+        base = f"{server.http}/v2/models/tiny"
+        status, live = oip_infer(f"{base}/infer", samples(store, 1)[0][0])
+        assert status == 200 and live["model_version"] == "1"
+        for version in (1, 2, 3):
+            for png, expected in samples(store, version)[:3]:
+                status, answer = oip_infer(f"{base}/versions/{version}/infer", png)
+                assert status == 200 and (answer["model_name"], answer["model_version"]) == ("tiny", str(version))
+                probabilities = next(o for o in answer["outputs"] if o["name"] == "probabilities")["data"]
+                assert max(abs(a - b) for a, b in zip(probabilities, expected)) <= 1e-5
+            status, body, _ = harness.http("GET", f"{base}/versions/{version}")
+            assert status == 200 and json.loads(body)["versions"] == [str(version)]
+            status, body, _ = harness.http("GET", f"{base}/versions/{version}/ready")
+            assert status == 200 and json.loads(body) == {"name": "tiny", "ready": True}
+        assert json.loads(harness.http("GET", f"{server.http}/v2/models")[1])["models"] == ["tiny"]
+        missing = {"error": "model tiny has no version 9 here (its versions: 1, 2, 3)"}
+        assert oip_infer(f"{base}/versions/9/infer", samples(store, 1)[0][0]) == (404, missing)
+        for path in ("/versions/9", "/versions/9/ready"):
+            status, body, _ = harness.http("GET", f"{base}{path}")
+            assert status == 404 and json.loads(body) == missing, (path, body)
+
+        client = triton_grpc.InferenceServerClient(server.grpc)
+        png, expected = samples(store, 2)[0]
+        tensor = triton_grpc.InferInput("image", [1], "BYTES")
+        tensor.set_data_from_numpy(np.array([png], dtype=object))
+        result = client.infer("tiny", [tensor], model_version="2")
+        assert result.get_response().model_version == "2"
+        assert np.abs(result.as_numpy("probabilities")[0] - np.array(expected)).max() <= 1e-5
+        assert client.infer("tiny", [tensor]).get_response().model_version == "1"
+        assert client.is_model_ready("tiny", "3") and client.get_model_metadata("tiny", "3").name == "tiny"
+        with pytest.raises(Exception, match="has no version 9"):
+            client.infer("tiny", [tensor], model_version="9")
     finally:
         server.stop()
