@@ -40,11 +40,13 @@ COPY frontend-patch/ /build/frontend-patch/
 RUN /opt/venv/bin/python /build/frontend-patch/apply.py
 
 # ---- stage 2: the runtime: a JRE, the same Python, the venv; no compilers, no caches
+# procps for /bin/kill: TorchServe stops an unregistered version's workers with `kill -9 PID`
+# (Runtime.exec, no shell), and without it the unregister fails with "Interrupted while cleaning resources".
 FROM ${BASE_IMAGE}
 ENV DEBIAN_FRONTEND=noninteractive
 RUN python_packages=$(python3 -c "import sys" 2>/dev/null || echo python3) \
  && apt-get update \
- && apt-get install -y --no-install-recommends openjdk-17-jre-headless $python_packages \
+ && apt-get install -y --no-install-recommends openjdk-17-jre-headless procps $python_packages \
  && rm -rf /var/lib/apt/lists/* /var/cache/apt/* /var/log/apt /var/log/dpkg.log \
  && useradd --system --uid 10001 --create-home --home-dir /home/serve --shell /usr/sbin/nologin serve
 COPY --from=venv /opt/venv /opt/venv

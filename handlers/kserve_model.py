@@ -82,13 +82,7 @@ class ArchivedClassifier(kserve.Model):
             raise InvalidInput(f"this server speaks the Open Inference Protocol: POST /v2/models/{self.name}/infer")
         try:
             requested = [output.name for output in request.request_outputs] if request.request_outputs else None
-            batch = contract.model_batch([tensor_of(item) for item in request.inputs], self.classifier)
-            if self.batch_images > 1:  # concurrent requests share a forward pass (handlers/batching.py)
-                self.batcher = self.batcher or AdaptiveBatcher(self.classifier.infer, self.batch_images)
-                logits = await self.batcher.run(batch)
-            else:
-                logits = self.classifier.infer(batch)
-            outputs = contract.output_tensors(logits, requested, self.classifier)
+            outputs = await self.outputs([tensor_of(item) for item in request.inputs], requested)
         except ClientError as error:  # KServe answers 400 / INVALID_ARGUMENT with the message
             raise InvalidInput(str(error)) from None
         return InferResponse(
@@ -96,6 +90,26 @@ class ArchivedClassifier(kserve.Model):
             model_name=self.name, model_version=self.version,
             infer_outputs=[infer_output(tensor, raw=request.from_grpc) for tensor in outputs],
             use_binary_outputs=request.use_binary_outputs, requested_outputs=request.request_outputs)
+
+    async def answer_rest(self, body: bytes, json_length: str | None) -> tuple[bytes, int | None]:
+        """A REST inference request's body (and its Inference-Header-Content-Length) -> the answer's body (and
+        its JSON length): the same answer as `predict` through KServe's REST path, by the kit's codec
+        (handlers/oip.py). A bad request raises ClientError."""
+        request = oip.decode_rest_request(body, json_length)
+        requested = [name for name, _ in request.outputs] if request.outputs is not None else None
+        outputs = await self.outputs(request.inputs, requested)
+        request = dataclasses.replace(request, id=request.id or str(uuid.uuid4()))
+        return oip.encode_rest_response(self.name, self.version, request, outputs)
+
+    async def outputs(self, inputs: list[oip.Tensor], requested: list[str] | None) -> list[oip.Tensor]:
+        """The contract's step, with concurrent requests sharing a forward pass (handlers/batching.py)."""
+        batch = contract.model_batch(inputs, self.classifier)
+        if self.batch_images > 1:
+            self.batcher = self.batcher or AdaptiveBatcher(self.classifier.infer, self.batch_images)
+            logits = await self.batcher.run(batch)
+        else:
+            logits = self.classifier.infer(batch)
+        return contract.output_tensors(logits, requested, self.classifier)
 
 
 def infer_output(tensor: oip.Tensor, raw: bool) -> InferOutput:

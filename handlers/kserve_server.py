@@ -24,7 +24,9 @@ import argparse
 import asyncio
 import functools
 import importlib.metadata
+import json
 import logging
+import re
 import socket
 import sys
 from concurrent import futures
@@ -43,7 +45,7 @@ from handlers.kserve_model import ArchivedClassifier, load_store
 # After handlers.kserve_model, which imports kserve with this process's arguments hidden from KServe's parser.
 import kserve
 from kserve import model_server
-from kserve.errors import InvalidInput, ModelNotFound
+from kserve.errors import InvalidInput, ModelNotFound, ModelNotReady
 from kserve.logging import logger as log
 from kserve.model_repository import ModelRepository
 from kserve.protocol.dataplane import DataPlane
@@ -203,6 +205,71 @@ class VersionedServicer(InferenceServicer):
         return await super().ModelMetadata(request, context)
 
 
+# ---------------------------------------------------------------------------- the REST inference route
+
+INFER_PATH = re.compile(r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer")
+MAX_BODY_BYTES = 256 * 2**20  # one request's body at most: 413 beyond (uvicorn and FastAPI read any size)
+
+
+class DirectInfer:
+    """POST /v2/models/<name>[/versions/<version>]/infer answered ahead of FastAPI, by the model's own codec
+    (ArchivedClassifier.answer_rest): the same answers, but KServe's REST path (FastAPI's validation, the data
+    plane, InferRequest and InferResponse and their encoding) costs more per request than the model does
+    (docs/benchmarks-peers.md). Everything else, CloudEvents included, goes on to KServe's app."""
+
+    def __init__(self, app, registry: VersionedRepository):
+        self.app, self.registry = app, registry
+
+    async def __call__(self, scope, receive, send):
+        match = INFER_PATH.fullmatch(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
+        headers = {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope.get("headers", ())}
+        if match is None or "ce-specversion" in headers or "cloudevents" in headers.get("content-type", ""):
+            return await self.app(scope, receive, send)
+        status, extra = 200, []
+        try:
+            name = match["name"] if match["version"] is None else self.registry.version_name(*match.groups())
+            model = self.registry.get_model(name)
+            if not isinstance(model, ArchivedClassifier):
+                raise ModelNotFound(match["name"])
+            if not model.ready:
+                raise ModelNotReady(match["name"])
+            body = await request_body(receive)
+            answer, json_length = await model.answer_rest(body, headers.get(oip.JSON_LENGTH_HEADER))
+            if json_length is not None:
+                extra = [(oip.JSON_LENGTH_HEADER.encode(), str(json_length).encode())]
+        except ClientError as error:  # its status: 400, or 413 for an image or a body too large
+            status, answer = error.status, error_body(error)
+        except (ModelNotFound, ModelNotReady) as error:
+            status, answer = (404 if isinstance(error, ModelNotFound) else 503), error_body(error)
+        except Exception as error:  # as KServe's generic handler answers it
+            log.exception("inference failed")
+            status, answer = 500, error_body(error)
+        content_type = b"application/octet-stream" if extra else b"application/json"
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", content_type), (b"content-length", str(len(answer)).encode()),
+                                *extra]})
+        await send({"type": "http.response.body", "body": answer})
+
+
+async def request_body(receive) -> bytes:
+    chunks, size, more = [], 0, True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientError("the client went away before its request was read")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise ClientError(f"the request body is larger than {MAX_BODY_BYTES // 2**20} MB", 413)
+        chunks.append(chunk)
+        more = message.get("more_body", False)
+    return b"".join(chunks)
+
+
+def error_body(error: Exception) -> bytes:
+    return json.dumps({"error": str(error)}).encode()
+
+
 class LoopbackGRPCServer(GRPCServer):
     """KServe's gRPC server on one address (its own listens on [::])."""
 
@@ -252,6 +319,7 @@ class KitRESTServer(RESTServer):
         # KServe's only middleware times each request (getrusage twice) to log it: skipped when not logging.
         if self.log_requests:
             super()._add_middlewares(app)
+        app.add_middleware(DirectInfer, registry=self.dataplane.model_registry)  # the outermost: first to see
 
     @kserve_private_api  # a private hook of RESTServer
     def _add_exception_handlers(self, app):
