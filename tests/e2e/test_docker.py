@@ -157,10 +157,10 @@ def processes_at_rest(env: dict, service: str) -> list[tuple[str, int, int | Non
             role = "TorchServe worker"
         elif args.startswith("java") or "/java " in args:
             role = "TorchServe frontend (JVM)"
-        elif "multiprocessing" in args:
-            role = "ModelServer worker process" if "spawn_main" in args else "multiprocessing helper"
+        elif "multiprocessing" in args:  # --workers N: N REST processes, spawned
+            role = "ModelServer REST process" if "spawn_main" in args else "multiprocessing helper"
         elif "handlers.kserve_model" in args:
-            role = "ModelServer main process (gRPC, first REST)"
+            role = "ModelServer main process (gRPC)"
         else:
             role = args.split()[0].rsplit("/", 1)[-1]  # docker-init, the torchserve launcher, ...
         pss = kilobytes(Path(f"/proc/{pid}/smaps_rollup"), "Pss")
@@ -221,7 +221,7 @@ def test_the_workers_memory_at_rest_per_engine(stack):
             need = float(re.search(r"need about ([\d,]+) MB", budget).group(1).replace(",", ""))
             report.append(f"  docker/memory_budget.py reserves {need:,.0f} MB for this store")
             assert total <= need, report
-        assert any(role.endswith(("worker", "worker process")) for role, _, _ in rows), rows
+        assert any(role in ("TorchServe worker", "ModelServer REST process") for role, _, _ in rows), rows
     print("\nmemory at rest:\n" + "\n".join(report))
 
 
