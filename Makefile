@@ -17,7 +17,7 @@
 #   make report                render artifacts/NAME/report.html again (train and export write it)
 #   make test                  the test suite (unit, integration with TorchServe, Docker end to end)
 #   make docker-offline        prepare a machine without registry access for `docker compose up`
-#   make image-size            the serving image's size
+#   make image-size            each serving image's size (TorchServe's, KServe's; IMAGE_TAG=cpu)
 #   make bench                 all benchmarks (bench-train, bench-export, bench-serve)
 #   make bench-serve-sweep     serving settings (workers x batchSize x maxBatchDelay) measured side by side
 #   make bench-photo           ResNet-18 on 224x224 JPEG photos (--resize crop): TorchServe vs in-process, BENCH_ARGS=...
@@ -200,9 +200,11 @@ docker-offline: venv
 	bash docker/prepare-offline.sh
 
 image-size:
-	@docker image inspect image-classifier-serving:cpu --format '{{.Size}}' 2>/dev/null \
-	  | awk '{printf "image-classifier-serving:cpu  %.2f GB (%d bytes)\n", $$1 / 1e9, $$1}' \
-	  | grep . || { echo "error: no image yet: docker compose build" >&2; exit 1; }
+	@for image in image-classifier-torchserve:$(or $(IMAGE_TAG),cpu) image-classifier-kserve:$(or $(IMAGE_TAG),cpu); do \
+	  size=$$(docker image inspect $$image --format '{{.Size}}' 2>/dev/null | grep .) \
+	    || { echo "error: no image $$image yet: docker compose --profile kserve build" >&2; exit 1; }; \
+	  awk -v image=$$image -v size=$$size 'BEGIN {printf "%-36s %.2f GB (%d bytes)\n", image, size / 1e9, size}'; \
+	done
 
 bench: bench-train bench-export bench-serve
 

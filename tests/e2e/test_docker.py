@@ -1,15 +1,19 @@
-"""`docker compose up` for real: build the image, serve the session's archives, check over HTTP; the
-kserve profile's service (the same image on KServe's ModelServer) over the Open Inference Protocol.
+"""`docker compose up` for real: build both images, serve the session's archives, check over HTTP; the
+kserve profile's service (the KServe image: KServe's ModelServer) over the Open Inference Protocol.
+Each image's size and each engine's memory at rest are printed (and the sizes checked).
 
 Needs a Docker engine with Compose v2. Where none runs and this is root with apt (CI here), the
 fixture prepares one with docker/prepare-offline.sh (the same script as `make docker-offline`)
 and stops the dockerd it started at the end. Always ends with `docker compose down -v`.
+KIT_E2E_PROJECT names the compose project (default kit-e2e) and IMAGE_TAG the images' tag
+(default cpu, as docker-compose.yml), so that two checkouts can run this on one engine at once.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -28,9 +32,15 @@ from tritonclient.utils import InferenceServerException
 from handlers.archive import read_archive
 
 pytestmark = pytest.mark.docker
-PROJECT = "kit-e2e"
+PROJECT = os.environ.get("KIT_E2E_PROJECT", "kit-e2e")
 MODELS = ("fmnist", "fmnist-torchscript")
 PROFILE = ("--profile", "kserve")  # both services: torchserve and kserve
+ENGINES = ("torchserve", "kserve")  # the compose services, the Dockerfile's targets, the images' names
+MAX_IMAGE_BYTES = 1.3e9  # each engine's image (docs/deploy.md)
+
+
+def image_name(service: str) -> str:
+    return f"image-classifier-{service}:{os.environ.get('IMAGE_TAG', 'cpu')}"
 
 
 def run(*command: str, env: dict | None = None, timeout: float = 600,
@@ -120,6 +130,54 @@ def readable_store(model_store: Path) -> Path:
     return store
 
 
+def image_bytes(service: str) -> int:
+    return json.loads(run("docker", "image", "inspect", image_name(service)).stdout)[0]["Size"]
+
+
+def kilobytes(status_file: Path, field: str) -> int | None:
+    """A field of /proc/PID/smaps_rollup in kB, or None where it cannot be read (not root on the host)."""
+    try:
+        for line in status_file.read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def processes_at_rest(env: dict, service: str) -> list[tuple[str, int, int | None]]:
+    """(role, resident MB, proportional MB or None) of each process in a service's container. The
+    proportional set size counts the libraries that processes share (torch, ONNX Runtime) once, split
+    between them; the resident size counts them in full in every process."""
+    _, _, container = container_health(env, service)
+    listing = run("docker", "top", container, "-eo", "pid,rss,args").stdout.splitlines()[1:]
+    rows = []
+    for line in listing:
+        pid, rss, args = line.split(None, 2)
+        if "model_service_worker" in args:
+            role = "TorchServe worker"
+        elif args.startswith("java") or "/java " in args:
+            role = "TorchServe frontend (JVM)"
+        elif "multiprocessing" in args:  # --workers N: N REST processes, spawned
+            role = "ModelServer REST process" if "spawn_main" in args else "multiprocessing helper"
+        elif "handlers.kserve_model" in args:
+            role = "ModelServer main process (gRPC)"
+        else:
+            role = args.split()[0].rsplit("/", 1)[-1]  # docker-init, the torchserve launcher, ...
+        pss = kilobytes(Path(f"/proc/{pid}/smaps_rollup"), "Pss")
+        rows.append((role, round(int(rss) / 1024), None if pss is None else round(pss / 1024)))
+    return rows
+
+
+def container_memory_mb(env: dict, service: str) -> float:
+    """What the container's cgroup charges (docker stats: what its memory limit is compared with)."""
+    _, _, container = container_health(env, service)
+    stats = json.loads(run("docker", "stats", "--no-stream", "--format", "{{json .}}", container).stdout)
+    used = stats["MemUsage"].split("/")[0].strip()
+    number, unit = float(used.rstrip("KMGiB")), used.lstrip("0123456789.")
+    return number * {"KiB": 1 / 1024, "MiB": 1, "GiB": 1024, "B": 1 / 2**20}[unit]
+
+
 @pytest.fixture(scope="module")
 def stack(engine, exported, served_images):
     """The compose stack built and up, serving the session's archives on free host ports."""
@@ -129,7 +187,7 @@ def stack(engine, exported, served_images):
            "METRICS_PORT": str(metrics_port), "OIP_HTTP_PORT": str(oip_http_port), "OIP_GRPC_PORT": str(oip_grpc_port)}
     try:
         build_started = time.monotonic()
-        compose("build", env=env)
+        compose(*PROFILE, "build", env=env)
         build_seconds = time.monotonic() - build_started
         up_started = time.monotonic()
         compose(*PROFILE, "up", "-d", env=env)
@@ -137,14 +195,50 @@ def stack(engine, exported, served_images):
         wait_until_answering(url, env, served_images[0][0])
         seconds_to_healthy = time.monotonic() - up_started
         kserve_seconds = wait_until_healthy(env, "kserve") + seconds_to_healthy
-        image = json.loads(run("docker", "image", "inspect", "image-classifier-serving:cpu").stdout)[0]
-        print(f"\nimage build {build_seconds:.0f} s, size {image['Size'] / 1e9:.2f} GB; "
+        sizes = ", ".join(f"{image_name(service)} {image_bytes(service) / 1e9:.2f} GB" for service in ENGINES)
+        print(f"\nimages built in {build_seconds:.0f} s: {sizes}; "
               f"docker compose up -> healthy in {seconds_to_healthy:.1f} s (kserve: at most {kserve_seconds:.1f} s)")
         yield {"env": env, "url": url, "metrics": f"http://127.0.0.1:{metrics_port}",
                "oip_http": f"127.0.0.1:{oip_http_port}", "oip_grpc": f"127.0.0.1:{oip_grpc_port}"}
     finally:
         compose(*PROFILE, "down", "-v", "--remove-orphans", env=env, check=False)
         shutil.rmtree(store, ignore_errors=True)
+
+
+def test_the_workers_memory_at_rest_per_engine(stack):
+    """Each engine's processes once every model is loaded and the service is healthy and idle (the first
+    test of the module, before any load). TorchServe's container stays within what docker/memory_budget.py
+    reserves for the same store."""
+    env, report = stack["env"], []
+    for service in ENGINES:
+        rows = processes_at_rest(env, service)
+        total = container_memory_mb(env, service)
+        report.append(f"{service} ({image_name(service)}): container {total:,.0f} MiB (docker stats)")
+        report += [f"  {role}: RSS {rss:,} MiB" + ("" if pss is None else f", PSS {pss:,} MiB")
+                   for role, rss, pss in rows if rss >= 10]
+        if service == "torchserve":
+            budget = compose("exec", "-T", "torchserve", "python3", "/opt/kit/docker/memory_budget.py",
+                             "--model-store", "/home/serve/model_store", "--limit-mb", "1e9", env=env).stdout
+            need = float(re.search(r"need about ([\d,]+) MB", budget).group(1).replace(",", ""))
+            report.append(f"  docker/memory_budget.py reserves {need:,.0f} MB for this store")
+            assert total <= need, report
+        assert any(role in ("TorchServe worker", "ModelServer REST process") for role, _, _ in rows), rows
+    print("\nmemory at rest:\n" + "\n".join(report))
+
+
+def test_each_image_is_small_and_holds_only_its_engine(stack):
+    """An image per engine (docs/deploy.md): at most 1.3 GB each; both serve TorchScript (torch) and ONNX
+    (ONNX Runtime) archives; no KServe in TorchServe's, no TorchServe and no Java in KServe's."""
+    probe = ("import importlib.util as u, shutil; "
+             "print(sorted(m for m in ('torch', 'onnxruntime', 'ts', 'kserve', 'fastapi', 'grpc', 'pandas') "
+             "if u.find_spec(m)), bool(shutil.which('java')))")
+    found = {}
+    for service in ENGINES:
+        assert image_bytes(service) <= MAX_IMAGE_BYTES, (image_name(service), image_bytes(service))
+        found[service] = run("docker", "run", "--rm", "--network", "none", "--entrypoint", "python3",
+                             image_name(service), "-c", probe).stdout.strip()
+    assert found["torchserve"] == "['onnxruntime', 'torch', 'ts'] True", found
+    assert found["kserve"] == "['fastapi', 'grpc', 'kserve', 'onnxruntime', 'pandas', 'torch'] False", found
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -156,11 +250,13 @@ def test_container_predictions_match_in_process_eager(stack, served_images, mode
         assert_matches_eager(body, expected, class_names)
 
 
-def test_the_image_serves_the_torchscript_archive_written_by_training_torch(stack, exported, served_images):
-    """The torch pin policy (docs/deploy.md): the image's torch is at most one minor version older than the
-    torch that wrote the TorchScript archive, and it loads and serves that archive as eager answers."""
+@pytest.mark.parametrize("service", ENGINES)
+def test_the_image_serves_the_torchscript_archive_written_by_training_torch(stack, exported, served_images, service):
+    """The torch pin policy (docs/deploy.md): each image's torch is at most one minor version older than the
+    torch that wrote the TorchScript archive, and TorchServe's loads and serves that archive as eager answers
+    (KServe's: test_kserve_service_answers_standard_clients_as_in_process_eager)."""
     spec = read_archive(exported[1] / "fmnist-torchscript.v1.mar").spec
-    served = compose(*PROFILE, "exec", "-T", "torchserve", "python3", "-c", "import torch; print(torch.__version__)",
+    served = compose(*PROFILE, "exec", "-T", service, "python3", "-c", "import torch; print(torch.__version__)",
                      env=stack["env"]).stdout.strip()
     assert minor_versions_behind(served, spec.torch_version) in (0, 1), (served, spec.torch_version)
     pngs, probabilities, class_names = served_images
