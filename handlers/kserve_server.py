@@ -237,8 +237,10 @@ class DirectInfer:
             answer, json_length = await model.answer_rest(body, headers.get(oip.JSON_LENGTH_HEADER))
             if json_length is not None:
                 extra = [(oip.JSON_LENGTH_HEADER.encode(), str(json_length).encode())]
-        except ClientError as error:  # its status: 400, or 413 for an image or a body too large
-            status, answer = error.status, error_body(error)
+        except BodyTooLarge as error:
+            status, answer = 413, error_body(error)
+        except ClientError as error:  # 400, as KServe's own path answers InvalidInput
+            status, answer = 400, error_body(error)
         except (ModelNotFound, ModelNotReady) as error:
             status, answer = (404 if isinstance(error, ModelNotFound) else 503), error_body(error)
         except Exception as error:  # as KServe's generic handler answers it
@@ -251,6 +253,10 @@ class DirectInfer:
         await send({"type": "http.response.body", "body": answer})
 
 
+class BodyTooLarge(ClientError):
+    pass
+
+
 async def request_body(receive) -> bytes:
     chunks, size, more = [], 0, True
     while more:
@@ -260,7 +266,7 @@ async def request_body(receive) -> bytes:
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > MAX_BODY_BYTES:
-            raise ClientError(f"the request body is larger than {MAX_BODY_BYTES // 2**20} MB", 413)
+            raise BodyTooLarge(f"the request body is larger than {MAX_BODY_BYTES // 2**20} MB", 413)
         chunks.append(chunk)
         more = message.get("more_body", False)
     return b"".join(chunks)

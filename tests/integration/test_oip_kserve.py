@@ -190,6 +190,28 @@ def test_malformed_http_bodies_get_400_with_a_message(kserve):
     assert harness.http("GET", f"{kserve.http}/v2/health/ready")[0] == 200
 
 
+def test_a_body_over_the_limit_gets_413(kserve):
+    """The direct infer route keeps at most MAX_BODY_BYTES (256 MB) of a body, then answers 413 (uvicorn
+    discards the rest) and serves on."""
+    port = int(kserve.http.rsplit(":", 1)[1])
+    declared = 300 * 2**20
+    chunk = b"0" * 2**20
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
+        connection.sendall(b"POST /v2/models/fmnist/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: %d\r\n\r\n" % declared)
+        sent = 0
+        try:
+            while sent < declared:
+                connection.sendall(chunk)
+                sent += len(chunk)
+        except OSError:  # the server may close while the rest is on its way
+            pass
+        answer = connection.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert b'{"error": "the request body is larger than 256 MB"}' in answer
+    assert harness.http("GET", f"{kserve.http}/v2/health/ready")[0] == 200
+
+
 def test_listens_on_loopback_only(kserve):
     probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
