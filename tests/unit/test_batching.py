@@ -18,12 +18,14 @@ class SlowModel:
 
     def __init__(self, release: threading.Event | None = None, fail_on: float | None = None):
         self.passes: list[int] = []
+        self.threads: list[str] = []  # where each pass ran
         self.release, self.fail_on = release, fail_on
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         if self.release is not None:
             self.release.wait(10)
         self.passes.append(len(batch))
+        self.threads.append("loop" if threading.current_thread() is threading.main_thread() else "thread")
         if self.fail_on is not None and (batch == self.fail_on).any():
             raise RuntimeError("the model failed")
         return batch.reshape(len(batch), -1)[:, :2] * 2
@@ -99,3 +101,26 @@ def test_a_failed_pass_fails_its_requests_and_the_next_pass_serves_again():
 
     assert float(asyncio.run(burst())[0, 0]) == 10.0
     assert model.passes == [1, 1]
+
+
+def test_a_process_serving_one_request_at_a_time_runs_passes_on_the_loop_and_probes_for_company():
+    from handlers.batching import PROBE_EVERY, QUIET_PASSES
+
+    model = SlowModel()
+    batcher = AdaptiveBatcher(model, max_images=16)
+
+    async def alone_then_a_burst():
+        answers = [await batcher.run(images(float(v))) for v in range(40)]
+        # a burst while on the loop: the next probe's pass finds company and batching is back
+        burst = [asyncio.ensure_future(batcher.run(images(1.0))) for _ in range(2 * PROBE_EVERY)]
+        await asyncio.gather(*burst)
+        return answers
+
+    answers = asyncio.run(alone_then_a_burst())
+    assert [float(a[0, 0]) for a in answers] == [2.0 * v for v in range(40)]  # each its own answer
+    lone = model.threads[:40]
+    assert lone[:QUIET_PASSES] == ["thread"] * QUIET_PASSES  # until it has seen QUIET_PASSES passes alone
+    probes = [i for i in range(QUIET_PASSES, 40) if lone[i] == "thread"]
+    assert probes and all((i + 1) % PROBE_EVERY == 0 for i in probes)
+    assert lone.count("loop") == 40 - QUIET_PASSES - len(probes)
+    assert max(model.passes[40:]) > 1 and model.threads[-1] == "thread"  # the burst shares passes in the thread
