@@ -15,6 +15,7 @@ only; the weights are scored on the validation and test splits and written as an
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import importlib.metadata
 import io
@@ -33,7 +34,7 @@ from training import data as datasets
 from training.analysis import parameter_counts
 from training.board import TensorBoard
 from training.checkpoint import bare_state_dict, save_checkpoint, write_bytes_atomic, write_json_atomic
-from training.config import TrainConfig
+from training.config import LARGEST_BATCH, MIN_STEPS, SMALLEST_BATCH, TrainConfig, batch_for
 from training.distributed import (
     Stopped,
     World,
@@ -195,7 +196,7 @@ def train(config: TrainConfig, on_epoch: Callable[[int, float], None] | None = N
     if world.distributed:  # torchrun stops the others when one process fails: say so, not a traceback
         signal.signal(signal.SIGTERM, stopped_by_torchrun)
     try:
-        if config.batch_size % world.size:
+        if config.batch_size is not None and config.batch_size % world.size:
             raise UserError(f"--batch-size {config.batch_size} is the global batch: it must divide evenly between "
                             f"the {world.size} processes")
         with contextlib.nullcontext() if world.main else contextlib.redirect_stdout(io.StringIO()):
@@ -218,6 +219,7 @@ def train_in(config: TrainConfig, world: World, device: torch.device, on_epoch=N
     torch.manual_seed(config.seed)
     with world.together():
         data = prepare_data(config, device)
+        config = with_batch_size(config, len(data.train), world)
         prepared = prepare_model(config, data)
         saved = read_state(config, prepared.origin, world) if config.resume is not None else None
     check_same_run(world, config.to_json(), data_fingerprint(data))
@@ -256,6 +258,17 @@ def train_in(config: TrainConfig, world: World, device: torch.device, on_epoch=N
     if world.main:
         write_outputs(run, prepared, metrics, progress, matrix, predictions, board)
     return metrics
+
+
+def with_batch_size(config: TrainConfig, images: int, world: World) -> TrainConfig:
+    """The config with its batch: --batch-size as given, else the default for `images` training images
+    (config.batch_for), said in one line; train_config.json records it."""
+    if config.batch_size is not None or config.epochs == 0:  # --epochs 0 takes no step
+        return config
+    batch = max(world.size, batch_for(images) // world.size * world.size)  # it divides between the processes
+    print(f"note: --batch-size {batch}: the default for {images:,} training images ({LARGEST_BATCH}, halved while an "
+          f"epoch would take fewer than {MIN_STEPS} steps, down to {SMALLEST_BATCH}); give --batch-size to choose")
+    return dataclasses.replace(config, batch_size=batch)
 
 
 def package(run: Setting, prepared: PreparedModel, run_started: float) -> dict:
