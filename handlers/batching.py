@@ -40,12 +40,11 @@ class AdaptiveBatcher:
         self.running = False
         self.passes = self.images = 0  # what ran so far: the mean batch is images / passes
         self.quiet = 0  # passes in a row during which no other request arrived
-        self.inline = 0  # passes run on the event loop (for tests and diagnosis)
 
     async def run(self, batch: np.ndarray) -> np.ndarray:
         """One request's normalized images (N, C, H, W) -> its rows of the model's output."""
         if self.quiet >= QUIET_PASSES and not self.running and (self.passes + 1) % PROBE_EVERY:
-            self.passes, self.images, self.inline = self.passes + 1, self.images + len(batch), self.inline + 1
+            self.passes, self.images = self.passes + 1, self.images + len(batch)
             return self.infer(batch)  # alone: nothing can join a pass, so no hop to the thread
         future = asyncio.get_running_loop().create_future()
         self.queue.append((batch, future))

@@ -6,9 +6,12 @@
 `python -m handlers.kserve_model` (make serve-kserve, the serving image's serve-kserve) runs `main`
 here; the models it serves are handlers/kserve_model.py's `ArchivedClassifier`. The rest is KServe's
 own server, changed where running it showed why (each change says so where it is made): one
-listening address instead of all interfaces, the platform in the model metadata, REST requests with
-binary BYTES data decoded by the kit's codec, the protocol's 400 for a body FastAPI cannot parse,
-gRPC outputs handed over as bytes, and --workers processes that load the archives themselves.
+listening address instead of all interfaces, the platform in the model metadata, every version of
+each model at /v2/models/<name>/versions/<version>/... and gRPC's model_version, the REST inference
+route answered by the kit's codec ahead of FastAPI (DirectInfer), REST requests with binary BYTES
+data decoded by the kit's codec on KServe's own path too, the protocol's 400 for a body FastAPI
+cannot parse, gRPC outputs handed over as bytes, and --workers processes that load the archives
+themselves.
 
 Some of these changes re-implement KServe's own methods (ModelServer.start, GRPCServer.start) or
 override its private hooks (RESTServer._add_middlewares, _add_exception_handlers), and reach into its
