@@ -225,8 +225,10 @@ class DirectInfer:
 
     async def __call__(self, scope, receive, send):
         match = INFER_PATH.fullmatch(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
-        headers = {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope.get("headers", ())}
-        if match is None or "ce-specversion" in headers or "cloudevents" in headers.get("content-type", ""):
+        if match is None:
+            return await self.app(scope, receive, send)
+        headers = {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope["headers"]}
+        if "ce-specversion" in headers or "cloudevents" in headers.get("content-type", ""):
             return await self.app(scope, receive, send)
         status, extra = 200, []
         try:

@@ -7,6 +7,8 @@ Servers (each with 2 workers, 1 ONNX Runtime thread per worker, on 127.0.0.1):
   ray        Ray Serve, @serve.batch (bench/peers/ray_server.py)
   pytriton   Triton via PyTriton, dynamic batching (bench/peers/pytriton_server.py)
   asgi       a plain ASGI app (Starlette + uvicorn), no batching: the floor of a Python HTTP path
+  asgi-cached  the same app answering from a dict of the answers it gave: no decoding, no model, the
+             HTTP path alone (the ceiling of any server here whose HTTP path is Python)
   torchserve the kit on TorchServe, POST /predictions (tests/harness.py)
   kserve     the kit on KServe's ModelServer, the Open Inference Protocol with binary tensors
   kserve-unbatched  the same with --batch_images 1: each request its own forward pass (the batcher off)
@@ -319,6 +321,10 @@ def servers(name: str, archive: Path, image: bytes, scratch: Path, versions: dic
         Server("asgi", f"Starlette {versions['starlette']} + uvicorn {versions['uvicorn']}", versions["starlette"],
                "none (one request, one forward pass)", raw, parse_json,
                peer_starter("asgi", script("asgi_server.py"), raw, env, scratch)),
+        Server("asgi-cached", "the same, answers cached (HTTP path alone)", versions["starlette"],
+               "none; a body answered before is answered from a dict: no decoding, no model", raw, parse_json,
+               peer_starter("asgi-cached", script("asgi_server.py"), raw, {**env, "PEER_CACHED_ANSWERS": "1"},
+                            scratch)),
         Server("torchserve", "the kit, TorchServe /predictions", kit_versions()["torchserve"],
                f"TorchServe batchSize={batch}, maxBatchDelay={delay:g} ms", raw, parse_json, start_torchserve),
         Server("kserve", "the kit, KServe ModelServer, OIP binary", kit_versions()["kserve"],
@@ -429,7 +435,7 @@ def main() -> int:
     p.add_argument("--seconds", type=int, default=10, help="duration of each wrk run, whole seconds (%(default)s)")
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds; figures are medians (%(default)s)")
     p.add_argument("--servers", default="all", help="comma-separated subset of litserve,bentoml,ray,pytriton,"
-                                                    "asgi,torchserve,kserve,kserve-unbatched (%(default)s)")
+                                                    "asgi,asgi-cached,torchserve,kserve,kserve-unbatched (%(default)s)")
     p.add_argument("--out", type=Path, help="the results' JSON file (artifacts/NAME/bench-peers.json)")
     args = p.parse_args()
     if shutil.which("wrk") is None:
