@@ -21,7 +21,9 @@ the test image against the kit's in-process answer (label, index, every probabil
 wrk at 1, 8 and 32 clients (a Lua script counts every status; any non-200 fails the run), checks the
 answer again and stops the server (its process group, then any process it started, by PID). The
 table gives medians over rounds: requests/s, p50 latency, and requests/s as a ratio to the best
-framework at that load. Results and settings go to artifacts/NAME/bench-peers.json.
+framework at that load. Below it: the kit's pipeline timed in this process for one image alone and per
+image in a batch of batchSize (what batching can share), and the CPU a request of the KServe path
+takes at 32 clients. Results and settings go to artifacts/NAME/bench-peers.json.
 
 Needs `make train export` (artifacts/NAME, model_store/NAME.mar) and wrk; run: make bench-peers
 """
@@ -397,12 +399,23 @@ def measure(server: Server, expected: dict, seconds: int, scratch: Path, lua: Pa
     return rows, worst
 
 
-def kit_answer(archive_path: Path, image: bytes, scratch: Path) -> dict:
-    """The kit's answer in this process, with the servers' thread count."""
+def kit_classifier(archive_path: Path, scratch: Path):
+    """The archive's classifier in this process, with the servers' thread count."""
     archive = read_archive(archive_path)
-    classifier = load_classifier(archive.unpack(scratch / "kit-model"),
-                                 dataclasses.replace(archive.settings, threads=THREADS), 1, None)
-    return json.loads(predictions_json([{"body": image}], classifier)[0])
+    return load_classifier(archive.unpack(scratch / "kit-model"),
+                           dataclasses.replace(archive.settings, threads=THREADS), 1, None)
+
+
+def pipeline_microseconds(classifier, image: bytes, batch: int, seconds: float = 2.0) -> float:
+    """The kit's pipeline in this process (decode, normalize, one forward pass, softmax, the answers' JSON):
+    the median µs per image over calls on `batch` copies of the image. What batching can share is the
+    difference between batch 1 and batch N."""
+    rows, per_image, deadline = [{"body": image}] * batch, [], time.monotonic() + seconds
+    while time.monotonic() < deadline or len(per_image) < 5:
+        start = time.perf_counter()
+        predictions_json(rows, classifier)
+        per_image.append((time.perf_counter() - start) / batch * 1e6)
+    return statistics.median(per_image)
 
 
 def processor() -> str:
@@ -454,7 +467,9 @@ def main() -> int:
         image_path = scratch / "test-image.png"
         save_png(load_run_data(out_dir)[0].test.images[0], image_path)  # the run's own test split
         image = image_path.read_bytes()
-        expected = kit_answer(archive, image, scratch)
+        classifier = kit_classifier(archive, scratch)
+        expected = json.loads(predictions_json([{"body": image}], classifier)[0])
+        in_process = {n: pipeline_microseconds(classifier, image, n) for n in (1, int(config["batchSize"]))}
         lua = scratch / "count.lua"
         lua.write_text(LUA)
         every = servers(args.name, archive, image, scratch, versions, config)
@@ -483,6 +498,15 @@ def main() -> int:
           f"{args.rounds} round(s); every answer 200 and equal to the kit's (largest probability difference "
           f"{max(worst.values()):.1e})")
     print_table(medians, chosen)
+    (alone, in_batch), batch = in_process.values(), config["batchSize"]
+    print(f"in this process, {THREADS} ONNX Runtime thread: the kit's pipeline (decode, normalize, forward pass, "
+          f"softmax, answer) takes {alone:.0f} µs for an image alone and {in_batch:.0f} µs per image in a batch of "
+          f"{batch}: batching can share {alone - in_batch:.0f} µs of it")
+    for key in ("kserve-unbatched", "kserve"):
+        if key in medians:
+            cost = os.cpu_count() / medians[key][32]["requests_per_second"] * 1e6
+            print(f"  {key}: {cost:.0f} µs of the {os.cpu_count()} cores per request at 32 clients (wrk's share "
+                  f"included)")
     for server in chosen:
         print(f"  {server.label}: batching {server.batching}")
     record = {"name": args.name, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
@@ -490,6 +514,7 @@ def main() -> int:
                           "load_average_before_after": load},
               "seconds": args.seconds, "rounds": args.rounds, "workers": WORKERS, "onnxruntime_threads": THREADS,
               "archive": {"batchSize": config["batchSize"], "maxBatchDelay": config["maxBatchDelay"]},
+              "pipeline_microseconds_per_image": {str(n): v for n, v in in_process.items()},
               "versions": {"peers": {**versions, **versions_seen}, "kit": kit_versions()},
               "servers": {s.key: {"label": s.label, "version": s.version, "batching": s.batching,
                                   "request": {"path": s.request.path, "content_type": s.request.content_type},
