@@ -2,8 +2,8 @@
 event loop (one image, one forward pass): the floor of a Python HTTP path.
 
 With PEER_CACHED_ANSWERS=1 it answers a body it has answered before from a dict, without decoding or
-the model: what uvicorn and Starlette alone can answer on this machine, the ceiling of any server of
-the benchmark's requests that runs its HTTP path in Python (bench-peers' `asgi-cached` row).
+the model: what uvicorn and Starlette alone answer on this machine, the cost of the HTTP path
+without the work (bench-peers' `asgi-cached` row).
 
 POST /predictions: the image's bytes as the body (as curl -T sends them to TorchServe).
 Run: python bench/peers/asgi_server.py PORT (settings from the environment: classifier.Settings).

@@ -8,7 +8,7 @@ Servers (each with 2 workers, 1 ONNX Runtime thread per worker, on 127.0.0.1):
   pytriton   Triton via PyTriton, dynamic batching (bench/peers/pytriton_server.py)
   asgi       a plain ASGI app (Starlette + uvicorn), no batching: the floor of a Python HTTP path
   asgi-cached  the same app answering from a dict of the answers it gave: no decoding, no model, the
-             HTTP path alone (the ceiling of any server here whose HTTP path is Python)
+             HTTP path alone (uvicorn, which the kit's KServe path and the Python frameworks use)
   torchserve the kit on TorchServe, POST /predictions (tests/harness.py)
   kserve     the kit on KServe's ModelServer, the Open Inference Protocol with binary tensors
   kserve-unbatched  the same with --batch_images 1: each request its own forward pass (the batcher off)
