@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 from helpers import FASHION_MNIST, tiny_config
+
+
+def pytest_configure(config):
+    # Tests press Ctrl-C (SIGINT) on the kit's processes. A suite started in the background by a shell
+    # without job control (`bash .ci/run &`) inherits SIGINT ignored, and so would every process it
+    # starts: a handled SIGINT is reset to the default in each child, as in a terminal.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
