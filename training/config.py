@@ -24,6 +24,7 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # also a TorchS
 
 # The default batch (batch_for): the largest for large training splits, smaller where it would take few steps.
 LARGEST_BATCH, SMALLEST_BATCH, MIN_STEPS = 256, 32, 100
+BATCH_RULE = f"{LARGEST_BATCH}, halved while an epoch would take fewer than {MIN_STEPS} steps, down to {SMALLEST_BATCH}"
 
 # The sections of `python -m training --help`, in order.
 WHAT, HOW, DATA, OUTPUTS = "what to train", "how to train", "data", "hardware and outputs"
@@ -113,8 +114,7 @@ class TrainConfig:
                 "validation and test splits, written as a run (needs --normalize)", defines_run=True)
     batch_size: int | None = option(  # None: batch_for(the training split's size)
         None, HOW, f"the global batch: under torchrun each of N processes takes batch/N of it, so the "
-                   f"learning rate and schedule keep their meaning (default: {LARGEST_BATCH}, halved while an "
-                   f"epoch would take fewer than {MIN_STEPS} steps, down to {SMALLEST_BATCH})", defines_run=True)
+                   f"learning rate and schedule keep their meaning (default: {BATCH_RULE})", defines_run=True)
     optimizer: str = option("sgd", HOW, "(%(default)s)", defines_run=True, choices=("sgd", "adamw"))
     lr: float = option(0.1, HOW, "peak learning rate (%(default)s; try 3e-3 for adamw)", defines_run=True)
     momentum: float = option(0.9, HOW, "SGD momentum (%(default)s)", defines_run=True)

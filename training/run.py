@@ -34,7 +34,7 @@ from training import data as datasets
 from training.analysis import parameter_counts
 from training.board import TensorBoard
 from training.checkpoint import bare_state_dict, save_checkpoint, write_bytes_atomic, write_json_atomic
-from training.config import LARGEST_BATCH, MIN_STEPS, SMALLEST_BATCH, TrainConfig, batch_for
+from training.config import BATCH_RULE, TrainConfig, batch_for
 from training.distributed import (
     Stopped,
     World,
@@ -262,12 +262,12 @@ def train_in(config: TrainConfig, world: World, device: torch.device, on_epoch=N
 
 def with_batch_size(config: TrainConfig, images: int, world: World) -> TrainConfig:
     """The config with its batch: --batch-size as given, else the default for `images` training images
-    (config.batch_for), said in one line; train_config.json records it."""
+    (training.config.batch_for), said in one line; train_config.json records it."""
     if config.batch_size is not None or config.epochs == 0:  # --epochs 0 takes no step
         return config
     batch = max(world.size, batch_for(images) // world.size * world.size)  # it divides between the processes
-    print(f"note: --batch-size {batch}: the default for {images:,} training images ({LARGEST_BATCH}, halved while an "
-          f"epoch would take fewer than {MIN_STEPS} steps, down to {SMALLEST_BATCH}); give --batch-size to choose")
+    print(f"note: --batch-size {batch}: the default for {images:,} training images ({BATCH_RULE}); give "
+          "--batch-size to choose")
     return dataclasses.replace(config, batch_size=batch)
 
 

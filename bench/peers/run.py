@@ -498,7 +498,8 @@ def main() -> int:
           f"{args.rounds} round(s); every answer 200 and equal to the kit's (largest probability difference "
           f"{max(worst.values()):.1e})")
     print_table(medians, chosen)
-    (alone, in_batch), batch = in_process.values(), config["batchSize"]
+    batch = int(config["batchSize"])
+    alone, in_batch = in_process[1], in_process[batch]  # one entry when the archive's batchSize is 1
     print(f"in this process, {THREADS} ONNX Runtime thread: the kit's pipeline (decode, normalize, forward pass, "
           f"softmax, answer) takes {alone:.0f} µs for an image alone and {in_batch:.0f} µs per image in a batch of "
           f"{batch}: batching can share {alone - in_batch:.0f} µs of it")
