@@ -315,6 +315,7 @@ class KitRESTServer(RESTServer):
         self.log_requests = log_requests
 
     def run(self, sockets=None):  # the entry point of each --workers process
+        quiet_request_logs(self.log_requests)  # KServe configured each process's logging anew
         for model in self.dataplane.model_registry.every_model():
             if not model.ready:
                 model.load()
@@ -387,6 +388,14 @@ class KitModelServer(model_server.ModelServer):
 
 # ---------------------------------------------------------------------------- the command line
 
+def quiet_request_logs(log_requests: bool) -> None:
+    """Without --log_requests, no line per request: 3-4 of them (uvicorn's access log, KServe's timings) cost
+    more time than the model here."""
+    if not log_requests:
+        for name in ("uvicorn.access", "kserve.trace"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def check_free(host: str, port: int) -> None:
     """One clear line for a port in use (uvicorn would print a traceback, gRPC share the port)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -438,9 +447,7 @@ def main(argv: list[str] | None = None) -> int:
                             enable_latency_logging=args.enable_latency_logging,
                             access_log_format=args.access_log_format, event_loop=args.event_loop,
                             timeout_keep_alive=args.timeout_keep_alive)  # configures KServe's logging
-    if not args.log_requests:  # 3-4 lines per request, which cost more time than the model here
-        for name in ("uvicorn.access", "kserve.trace"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+    quiet_request_logs(args.log_requests)
     try:
         for port in (args.http_port, args.grpc_port) if args.enable_grpc else (args.http_port,):
             check_free(args.host, port)

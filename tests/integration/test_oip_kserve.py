@@ -298,3 +298,21 @@ def test_concurrent_requests_are_batched_each_with_its_own_answer_or_error(kserv
         else:
             assert not isinstance(result, InferenceServerException), result
             assert_equal_in_process(result, probabilities[index % len(pngs)][None], class_names)
+
+
+@pytest.mark.parametrize("log_requests", [False, True])
+def test_each_process_logs_requests_only_when_asked(exported, served_images, tmp_path, log_requests):
+    """KServe configures logging anew in each --workers process: without --log_requests none of them may
+    write a line per request (it cost ~15 % of the throughput, and fills the disk); with it, they do."""
+    _, model_store = exported
+    pngs, _, _ = served_images
+    extra = ("--workers", "2") + (("--log_requests", "true") if log_requests else ())
+    server = harness.start_kserve(model_store, tmp_path, ["fmnist"], extra_args=extra)
+    try:
+        for _ in range(20):
+            client(server, "http-binary").infer("fmnist", [image_input("http-binary", pngs[:1])])
+    finally:
+        server.stop()
+    lines = [line for line in server.log_file.read_text(errors="replace").splitlines()
+             if "POST /v2/models/fmnist/infer" in line]
+    assert (len(lines) >= 20) if log_requests else not lines, lines[:3]
