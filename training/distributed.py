@@ -58,6 +58,11 @@ class World:
         dist.all_gather_object(values, value)
         return values
 
+    def wait_for_all(self) -> None:
+        """Returns once every process has arrived here."""
+        if self.distributed:
+            dist.barrier()
+
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.distributed:
             dist.all_reduce(tensor)

@@ -200,7 +200,11 @@ def train(config: TrainConfig, on_epoch: Callable[[int, float], None] | None = N
             raise UserError(f"--batch-size {config.batch_size} is the global batch: it must divide evenly between "
                             f"the {world.size} processes")
         with contextlib.nullcontext() if world.main else contextlib.redirect_stdout(io.StringIO()):
-            return train_in(config, world, device, on_epoch)
+            metrics = train_in(config, world, device, on_epoch)
+        # The others wait while process 0 writes the outputs: a process that tears down its process group and
+        # exits while another still works can abort in gloo ("terminate called without an active exception").
+        world.wait_for_all()
+        return metrics
     except RuntimeError as error:
         if world.distributed and lost_contact(error):
             raise Stopped(f"lost contact: {str(error).strip().splitlines()[0][:200]}") from None
