@@ -309,8 +309,9 @@ def test_each_process_logs_requests_only_when_asked(exported, served_images, tmp
     extra = ("--workers", "2") + (("--log_requests", "true") if log_requests else ())
     server = harness.start_kserve(model_store, tmp_path, ["fmnist"], extra_args=extra)
     try:
+        triton = client(server, "http-binary")
         for _ in range(20):
-            client(server, "http-binary").infer("fmnist", [image_input("http-binary", pngs[:1])])
+            triton.infer("fmnist", [image_input("http-binary", pngs[:1])])
     finally:
         server.stop()
     lines = [line for line in server.log_file.read_text(errors="replace").splitlines()
